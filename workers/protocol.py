@@ -1,0 +1,235 @@
+"""The wire contract: subjects, header names and message schemas.
+
+Workers, the monitor and the CLIs all import this module, so it must stay light
+(pydantic only; never llama_cpp or nats).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Kind = Literal["inference", "embedding"]
+
+# --- subjects --------------------------------------------------------------
+
+STREAM_NAME = "FLEET_REQUESTS"
+QUEUE_SUBJECTS = "queue.>"
+
+# Headers the ingress adds to a queued message.
+H_REPLY_TO = "Fleet-Reply-To"
+H_ENQUEUED_AT = "Fleet-Enqueued-At"  # ms since the epoch
+H_DEADLINE = "Fleet-Deadline"  # ms since the epoch; after it the caller has given up
+H_REQ_ID = "Fleet-Req-Id"
+H_INGRESS = "Fleet-Ingress"  # worker_id of the ingress that queued it
+# Headers a caller may set.
+H_TIMEOUT_MS = "Fleet-Timeout-Ms"
+H_TRACE_ID = "Fleet-Trace-Id"
+# ADR-32 error headers on error replies.
+H_ERROR_CODE = "Nats-Service-Error-Code"
+H_ERROR = "Nats-Service-Error"
+
+_TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(model: str) -> str:
+    """A model name as one NATS subject token / durable name (dots and other separators become `_`)."""
+    return _TOKEN_BAD.sub("_", model)
+
+
+def request_subject(kind: Kind, model: str) -> str:
+    """Public core request subject; the model name is used as written (it may contain dots)."""
+    return f"{kind}.request.{model}"
+
+
+def queue_subject(kind: Kind, model: str) -> str:
+    """Internal JetStream subject; never published to by callers."""
+    return f"queue.{kind}.{token(model)}"
+
+
+def consumer_name(kind: Kind, model: str) -> str:
+    return f"work-{kind}-{token(model)}"
+
+
+def health_subject(model: str) -> str:
+    return f"models.{model}.health"
+
+
+def heartbeat_subject(model: str) -> str:
+    return f"models.{token(model)}.heartbeat"
+
+
+def ingress_group(kind: Kind, model: str) -> str:
+    return f"ingress-{kind}-{token(model)}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_req_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# --- messages ----------------------------------------------------------------
+
+
+class _Message(BaseModel):
+    # Unknown fields are ignored; wrong types are rejected (no silent coercion of "abc" to a number).
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+
+class Params(_Message):
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    stop: list[str] | None = None
+    seed: int | None = None
+    grammar: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class ChatMessage(_Message):
+    role: Literal["system", "user", "assistant", "model"]
+    content: str
+
+
+class InferenceRequest(_Message):
+    req_id: str | None = None
+    input: str | None = None
+    messages: list[ChatMessage] | None = None
+    params: Params = Field(default_factory=Params)
+    raw: bool = False
+    stream: bool = False
+    reply_to: str | None = None
+    timeout_ms: int | None = Field(default=None, gt=0)
+
+    def check(self) -> None:
+        if self.messages:
+            if not any(m.content.strip() for m in self.messages):
+                raise BadRequest("empty_input", "messages contain no text; send at least one non-empty message")
+        elif self.input is None or not self.input.strip():
+            raise BadRequest("empty_input", "input is empty; send {\"input\": \"your prompt\"}")
+
+
+class EmbeddingRequest(_Message):
+    req_id: str | None = None
+    input: str | list[str]
+    model: str | None = None
+    reply_to: str | None = None
+    timeout_ms: int | None = Field(default=None, gt=0)
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check(self) -> None:
+        texts = self.texts()
+        if not texts:
+            raise BadRequest("empty_input", "input is an empty list; send a string or a list of strings")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise BadRequest("empty_input", f"input[{i}] is empty; every text must contain something")
+
+
+class ErrorBody(_Message):
+    code: int
+    type: str
+    message: str
+
+
+class InferenceResponse(_Message):
+    req_id: str
+    model: str
+    text: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    finish_reason: Literal["stop", "length", "error"] = "stop"
+    duration_ms: float = 0.0
+    queue_ms: float = 0.0
+    worker_id: str = ""
+    error: ErrorBody | None = None
+
+
+class EmbeddingItem(_Message):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float]
+    index: int
+
+
+class Usage(_Message):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Message):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem] = Field(default_factory=list)
+    model: str
+    usage: Usage = Field(default_factory=lambda: Usage(prompt_tokens=0, total_tokens=0))
+    req_id: str
+    duration_ms: float = 0.0
+    queue_ms: float = 0.0
+    worker_id: str = ""
+    error: ErrorBody | None = None
+
+
+# --- errors -------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """A request the worker will not run; answered at once with a 4xx-style error."""
+
+    status = 400
+
+    def __init__(self, type_: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.type = type_
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+def parse_request(kind: Kind, data: bytes) -> InferenceRequest | EmbeddingRequest:
+    """Decode and validate a request body, raising BadRequest with one readable sentence."""
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest("invalid_json", f"body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("invalid_request", "body must be a JSON object such as {\"input\": \"Hello\"}")
+    cls = InferenceRequest if kind == "inference" else EmbeddingRequest
+    try:
+        req = cls.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise BadRequest("invalid_request", f"{where}: {err['msg']}") from None
+    req.check()
+    return req
+
+
+def error_body(status: int, type_: str, message: str) -> ErrorBody:
+    return ErrorBody(code=status, type=type_, message=message)
+
+
+def error_headers(err: ErrorBody) -> dict[str, str]:
+    return {H_ERROR_CODE: str(err.code), H_ERROR: err.message}
+
+
+def dumps(model: BaseModel) -> bytes:
+    return model.model_dump_json(exclude_none=True).encode()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()

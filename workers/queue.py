@@ -1,0 +1,272 @@
+"""The durable queue between callers and workers (DESIGN §4).
+
+Ingress: each worker queue-subscribes the public request subject and copies every request,
+with the caller's inbox and a deadline in headers, into a WorkQueue stream, replying only on
+failure. Workers of one model share one durable pull consumer. Messages that exhaust
+`max_deliver` are answered and removed by the dead-letter handler.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError
+
+from . import protocol as p
+from .config import Settings
+from .store import Store
+
+ERR_MAX_PER_SUBJECT = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded"
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the shared WorkQueue stream, or bring its limits in line with this worker's settings."""
+    config = StreamConfig(
+        name=p.STREAM_NAME,
+        subjects=[p.QUEUE_SUBJECTS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_msgs_per_subject=settings.queue_max_per_model,
+        discard_new_per_subject=True,
+        max_age=settings.queue_max_age_s,
+        max_msg_size=settings.max_request_bytes + 4096,
+    )
+    try:
+        info = await js.stream_info(p.STREAM_NAME)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    current = info.config
+    if (current.max_msgs_per_subject, current.max_age, current.max_msg_size) != (
+        config.max_msgs_per_subject, config.max_age, config.max_msg_size
+    ):
+        await js.update_stream(config)
+
+
+async def ensure_consumer(js: JetStreamContext, settings: Settings) -> str:
+    """The model's durable pull consumer (shared by every worker of the model)."""
+    kind, model = settings.model_kind, settings.model_name
+    durable = p.consumer_name(kind, model)
+    config = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=p.queue_subject(kind, model),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.queue_ack_wait_s,
+        max_deliver=settings.queue_max_deliver,
+        max_ack_pending=settings.queue_max_ack_pending,
+    )
+    try:
+        await js.consumer_info(p.STREAM_NAME, durable)
+    except NotFoundError:
+        await js.add_consumer(p.STREAM_NAME, config)
+    return durable
+
+
+def header_bytes(headers: dict[str, str] | None) -> int:
+    """Size of a NATS header block as sent on the wire (`NATS/1.0\\r\\n` + `k: v\\r\\n`… + `\\r\\n`)."""
+    if not headers:
+        return 0
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+class Replier:
+    """Publishes replies with the payload+headers size guard (nats-py checks only the payload)."""
+
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self.nc = nc
+        self.settings = settings
+
+    def error(self, req_id: str, status: int, type_: str, message: str) -> tuple[bytes, dict[str, str]]:
+        err = p.error_body(status, type_, message)
+        model, worker = self.settings.model_name, self.settings.worker_id
+        if self.settings.model_kind == "embedding":
+            body: Any = p.EmbeddingResponse(req_id=req_id, model=model, worker_id=worker, error=err)
+        else:
+            body = p.InferenceResponse(req_id=req_id, model=model, worker_id=worker, finish_reason="error", error=err)
+        return p.dumps(body), p.error_headers(err)
+
+    async def send(self, targets: list[str], data: bytes, headers: dict[str, str] | None = None,
+                   req_id: str = "") -> None:
+        if len(data) + header_bytes(headers) > self.nc.max_payload:
+            data, headers = self.error(req_id, 413, "response_too_large",
+                                       f"the response is {len(data)} bytes, over the server's max_payload "
+                                       f"{self.nc.max_payload}; ask for fewer tokens")
+        for subject in dict.fromkeys(targets):
+            await self.nc.publish(subject, data, headers=headers or None)
+
+
+def reply_targets(*candidates: str | None) -> list[str]:
+    return [c for c in dict.fromkeys(candidates) if c]
+
+
+class Ingress:
+    """Turns public core requests into queued JetStream messages; replies only when it cannot queue."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store,
+                 on_rejected: Callable[[], None] | None = None) -> None:
+        self.nc, self.js, self.settings, self.store = nc, js, settings, store
+        self.replier = Replier(nc, settings)
+        self.subject = p.queue_subject(settings.model_kind, settings.model_name)
+        self.on_rejected = on_rejected
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self._sub = await self.nc.subscribe(
+            p.request_subject(s.model_kind, s.model_name), queue=p.ingress_group(s.model_kind, s.model_name),
+            cb=self.handle,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def handle(self, msg: Msg) -> None:
+        received = p.now_ms()
+        req_id = ""
+        payload_reply: str | None = None
+        try:
+            if len(msg.data) > self.settings.max_request_bytes:
+                raise p.BadRequest("payload_too_large", f"request is {len(msg.data)} bytes; the limit is "
+                                   f"{self.settings.max_request_bytes} (MAX_REQUEST_BYTES)", status=413)
+            req = p.parse_request(self.settings.model_kind, msg.data)
+            req_id = req.req_id or p.new_req_id()
+            payload_reply = req.reply_to
+            headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Fleet-")}
+            timeout_ms = req.timeout_ms or _int(msg.headers, p.H_TIMEOUT_MS) or self.settings.default_timeout_ms
+            headers.update({
+                p.H_REQ_ID: req_id,
+                p.H_ENQUEUED_AT: str(received),
+                p.H_DEADLINE: str(received + timeout_ms),
+                p.H_INGRESS: self.settings.worker_id,
+            })
+            if msg.reply:
+                headers[p.H_REPLY_TO] = msg.reply
+            if len(msg.data) + header_bytes(headers) > self.nc.max_payload:
+                raise p.BadRequest("payload_too_large", "request plus routing headers exceeds the server's "
+                                   f"max_payload ({self.nc.max_payload} bytes); send a smaller input", status=413)
+            await self.js.publish(self.subject, msg.data, headers=headers, timeout=5.0)
+        except p.BadRequest as e:
+            await self._reject(msg, req_id, payload_reply, e.status, e.type, e.message)
+        except APIError as e:
+            if e.err_code == ERR_MAX_PER_SUBJECT:
+                await self._reject(msg, req_id, payload_reply, 503, "queue_full",
+                                   f"the queue for {self.settings.model_name} is full "
+                                   f"({self.settings.queue_max_per_model} waiting); retry later or add workers")
+            else:
+                await self._reject(msg, req_id, payload_reply, 503, "queue_unavailable",
+                                   f"JetStream refused the request ({e.description}); retry later")
+        except (NoRespondersError, NatsTimeoutError, TimeoutError):
+            await self._reject(msg, req_id, payload_reply, 503, "queue_unavailable",
+                               "JetStream is not available; retry in a few seconds")
+
+    async def _reject(self, msg: Msg, req_id: str, payload_reply: str | None, status: int, type_: str,
+                      message: str) -> None:
+        req_id = req_id or _req_id_guess(msg.data)
+        data, headers = self.replier.error(req_id, status, type_, message)
+        await self.replier.send(reply_targets(msg.reply, payload_reply), data, headers, req_id)
+        self.store.request(
+            req_id=req_id, worker_id=self.settings.worker_id, source="nats",
+            raw_input=msg.data[:4096].decode(errors="replace"), finish_reason="error", deliveries=0,
+            status="rejected", error=f"{status} {type_}: {message}",
+        )
+        if self.on_rejected:
+            self.on_rejected()
+
+
+class DeadLetters:
+    """Answers and removes messages that JetStream stopped delivering after `max_deliver` attempts."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store) -> None:
+        self.nc, self.js, self.settings, self.store = nc, js, settings, store
+        self.replier = Replier(nc, settings)
+        self._sub: Any = None
+
+    @property
+    def subject(self) -> str:
+        durable = p.consumer_name(self.settings.model_kind, self.settings.model_name)
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{p.STREAM_NAME}.{durable}"
+
+    async def start(self) -> None:
+        group = "deadletter-" + p.token(self.settings.model_name)
+        self._sub = await self.nc.subscribe(self.subject, queue=group, cb=self.handle)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def handle(self, advisory: Msg) -> None:
+        try:
+            info = json.loads(advisory.data)
+            seq = int(info["stream_seq"])
+            deliveries = int(info.get("deliveries", self.settings.queue_max_deliver))
+            stored = await self.js.get_msg(p.STREAM_NAME, seq)
+        except NotFoundError:
+            return  # another worker handled it already
+        except Exception as e:
+            self.store.event("request.dead_letter", f"could not read dead-letter advisory: {e}", level="error")
+            return
+        headers = stored.headers or {}
+        req_id = headers.get(p.H_REQ_ID) or _req_id_guess(stored.data or b"")
+        message = (f"the request failed {deliveries} times and was removed from the queue; "
+                   "see the worker log (make logs) and retry")
+        data, err_headers = self.replier.error(req_id, 500, "dead_letter", message)
+        payload_reply = _payload_reply(stored.data or b"")
+        await self.replier.send(reply_targets(headers.get(p.H_REPLY_TO), payload_reply), data, err_headers, req_id)
+        try:
+            await self.js.delete_msg(p.STREAM_NAME, seq)
+        except NotFoundError:
+            pass
+        self.store.request(
+            req_id=req_id, worker_id=self.settings.worker_id, source="nats",
+            raw_input=(stored.data or b"")[:4096].decode(errors="replace"), finish_reason="error",
+            deliveries=deliveries, status="dead_letter", error=f"500 dead_letter: {message}",
+        )
+        self.store.event("request.dead_letter", message, level="error", req_id=req_id, stream_seq=seq)
+
+
+def _int(headers: dict[str, str] | None, key: str) -> int | None:
+    try:
+        value = int((headers or {}).get(key, ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def _req_id_guess(data: bytes) -> str:
+    try:
+        obj = json.loads(data)
+        if isinstance(obj, dict) and isinstance(obj.get("req_id"), str):
+            return obj["req_id"]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return p.new_req_id()
+
+
+def _payload_reply(data: bytes) -> str | None:
+    try:
+        obj = json.loads(data)
+        value = obj.get("reply_to") if isinstance(obj, dict) else None
+        return value if isinstance(value, str) else None
+    except (ValueError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,281 @@
+"""The worker process: load one model, pull its queue, answer callers, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from . import protocol as p
+from .config import Settings
+from .connection import connect
+from .engine import Engine
+from .modelfile import ModelNotFound, resolve
+from .prompts import Template, TemplateError, format_prompt
+from .queue import DeadLetters, Ingress, Replier, ensure_consumer, ensure_stream, reply_targets
+from .store import Store
+
+FETCH_WAIT_S = 5.0
+
+
+class StartupError(Exception):
+    """A failure the user must fix before the worker can run; printed as one line."""
+
+
+class Worker:
+    """One model, one process.
+
+    Lifecycle: open the log, connect to NATS, load the model, then take requests from the
+    model's durable consumer with at most `WORKER_CONCURRENCY` in flight. SIGTERM/SIGINT stop
+    the ingress and the pulls, let in-flight requests finish for up to `DRAIN_TIMEOUT`, and
+    hand anything unfinished back to JetStream for another worker.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.log_path, retention_days=settings.log_retention_days,
+                           max_rows=settings.log_max_rows)
+        self.status = "starting"
+        self.started_at = time.time()
+        self.should_exit = asyncio.Event()
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.engine: Engine | None = None
+        self.template: Template | None = None
+        self.in_flight: dict[asyncio.Task[None], Msg] = {}
+        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.total_processed = 0
+        self.total_failed = 0
+        self._subs: list[Any] = []
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        s = self.settings
+        await self.store.open()
+        self.store.event("startup", f"worker {s.worker_id} starting", model=s.model_name, kind=s.model_kind)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.should_exit.set)
+        try:
+            await self._start()
+            self.status = "online"
+            self.store.event("server.ready", f"serving {p.request_subject(s.model_kind, s.model_name)}")
+            _say(f"{s.model_name}: ready on {p.request_subject(s.model_kind, s.model_name)} "
+                 f"(worker {s.worker_id}, concurrency {s.worker_concurrency})")
+            pull = asyncio.create_task(self._pull_loop(), name="pull")
+            await self.should_exit.wait()
+            await self._drain(pull)
+        finally:
+            self.store.event("shutdown", "worker stopped", processed=self.total_processed, failed=self.total_failed)
+            if self.nc is not None and not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self.nc.drain()
+            if self.engine is not None:
+                self.engine.close()
+            await self.store.close()
+
+    async def _start(self) -> None:
+        s = self.settings
+        if s.model_kind == "inference" and s.model_format == "template":
+            try:
+                self.template = Template.load(s.template_path)
+            except TemplateError as e:
+                raise StartupError(str(e)) from None
+        self.nc = await connect(s, self.store)
+        self.js = self.nc.jetstream()
+        await ensure_stream(self.js, s)
+        durable = await ensure_consumer(self.js, s)
+        self._subs.append(await self.nc.subscribe(p.health_subject(s.model_name), cb=self._on_health))
+        self.store.event("model.loading", f"resolving model {s.model_name}")
+        try:
+            path = await asyncio.to_thread(resolve, s)
+            self.engine = Engine(
+                path, kind=s.model_kind, concurrency=s.worker_concurrency, ctx_size=s.ctx_size,
+                threads=s.model_threads, pooling=s.pooling, default_max_tokens=s.default_max_tokens,
+                default_stop=self.template.stop if self.template else [],
+            )
+            _say(f"{s.model_name}: loading {path.name} ({s.worker_concurrency} context(s), ctx {s.ctx_size}) …")
+            await self.engine.load()
+        except ModelNotFound as e:
+            self.store.event("model.failed", str(e), level="error")
+            raise StartupError(str(e)) from None
+        except (ValueError, RuntimeError, OSError) as e:
+            self.store.event("model.failed", str(e), level="error")
+            raise StartupError(f"{s.model_name}: could not load the model: {e}") from None
+        self.store.event("model.loaded", f"{path.name} loaded in {self.engine.load_seconds:.2f} s",
+                         path=str(path), load_seconds=self.engine.load_seconds)
+        self.psub = await self.js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
+        self.replier = Replier(self.nc, s)
+        self.ingress = Ingress(self.nc, self.js, s, self.store, on_rejected=self._count_failed)
+        await self.ingress.start()
+        self.dead_letters = DeadLetters(self.nc, self.js, s, self.store)
+        await self.dead_letters.start()
+        await self.nc.flush()
+
+    async def _drain(self, pull: asyncio.Task[None]) -> None:
+        s = self.settings
+        self.status = "draining"
+        self.store.event("drain", f"draining {len(self.in_flight)} in-flight request(s)", timeout=s.drain_timeout)
+        _say(f"{s.model_name}: draining ({len(self.in_flight)} in flight, up to {s.drain_timeout:g} s)")
+        await self.ingress.stop()
+        pull.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pull
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=s.drain_timeout)
+        for task, msg in list(self.in_flight.items()):
+            # Unfinished: hand it back now rather than after ack_wait, so another worker takes it.
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        self.status = "stopping"
+        await self.dead_letters.stop()
+
+    # --- request path ----------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            await self.slots.acquire()
+            try:
+                msgs = await self.psub.fetch(1, timeout=FETCH_WAIT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                self.slots.release()
+                continue
+            except asyncio.CancelledError:
+                self.slots.release()
+                raise
+            except Exception as e:  # disconnected, JetStream restarting: wait and retry
+                self.slots.release()
+                self.store.event("queue.fetch_failed", str(e) or type(e).__name__, level="warning")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            msg = msgs[0]
+            task = asyncio.create_task(self._handle(msg))
+            self.in_flight[task] = msg
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(task, None)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            print(f"worker: request task failed: {task.exception()!r}", file=sys.stderr)
+
+    def _count_failed(self) -> None:
+        self.total_failed += 1
+
+    async def _handle(self, msg: Msg) -> None:
+        s = self.settings
+        h = msg.headers or {}
+        start = p.now_ms()
+        req_id = h.get(p.H_REQ_ID) or p.new_req_id()
+        enqueued = _int(h.get(p.H_ENQUEUED_AT), start)
+        deadline = _int(h.get(p.H_DEADLINE), enqueued + s.default_timeout_ms)
+        deliveries = msg.metadata.num_delivered or 1
+        row: dict[str, Any] = dict(
+            req_id=req_id, trace_id=h.get(p.H_TRACE_ID), worker_id=s.worker_id, source="nats",
+            raw_input=msg.data.decode(errors="replace"), deliveries=deliveries, queue_ms=float(start - enqueued),
+        )
+        targets = [h.get(p.H_REPLY_TO)]
+        try:
+            if start > deadline:
+                raise p.BadRequest("expired", f"the caller's deadline passed {start - deadline} ms before a worker "
+                                   "was free; the request was skipped", status=504)
+            req = p.parse_request(s.model_kind, msg.data)
+            targets.append(req.reply_to)
+            body = await self._run(req, req_id, msg, row)
+        except p.BadRequest as e:
+            data, headers = self.replier.error(req_id, e.status, e.type, e.message)
+            await self.replier.send(reply_targets(*targets), data, headers, req_id)
+            await msg.ack()
+            self.total_failed += 1
+            status = "expired" if e.type == "expired" else "rejected"
+            self.store.request(**row, finish_reason="error", status=status, error=f"{e.status} {e.type}: {e.message}",
+                               dur_ms=float(p.now_ms() - start))
+            return
+        except Exception as e:
+            # Unexpected: give it back for another try; after max_deliver the dead-letter handler answers.
+            self.total_failed += 1
+            self.store.request(**row, finish_reason="error", status="failed", error=repr(e),
+                               dur_ms=float(p.now_ms() - start))
+            self.store.event("request.failed", repr(e), level="error", req_id=req_id, deliveries=deliveries)
+            await msg.nak(delay=1.0)
+            return
+        await self.replier.send(reply_targets(*targets), p.dumps(body), None, req_id)
+        await msg.ack()
+        self.total_processed += 1
+        self.store.request(**row, status="ok")
+
+    async def _run(self, req: p.InferenceRequest | p.EmbeddingRequest, req_id: str, msg: Msg,
+                   row: dict[str, Any]) -> p.InferenceResponse | p.EmbeddingResponse:
+        assert self.engine is not None
+        s = self.settings
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        t0 = time.perf_counter()
+        try:
+            if isinstance(req, p.InferenceRequest):
+                prompt = format_prompt(req, self.template)
+                row.update(formatted_input=prompt, params_json=req.params.model_dump_json(exclude_none=True),
+                           grammar=req.params.grammar)
+                out = await self.engine.complete(prompt, req.params)
+                dur = (time.perf_counter() - t0) * 1000
+                row.update(response_text=out.text, tokens_in=out.tokens_in, tokens_out=out.tokens_out,
+                           ttft_ms=out.ttft_ms, dur_ms=dur, finish_reason=out.finish_reason)
+                return p.InferenceResponse(
+                    req_id=req_id, model=s.model_name, text=out.text, tokens_in=out.tokens_in,
+                    tokens_out=out.tokens_out, finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                    duration_ms=round(dur, 2), queue_ms=row["queue_ms"], worker_id=s.worker_id,
+                )
+            emb = await self.engine.embed(req.texts())
+            dur = (time.perf_counter() - t0) * 1000
+            row.update(tokens_in=emb.tokens, dur_ms=dur, finish_reason="stop",
+                       response_text=f"{len(emb.vectors)} vector(s) of {len(emb.vectors[0])}")
+            return p.EmbeddingResponse(
+                data=[p.EmbeddingItem(embedding=v, index=i) for i, v in enumerate(emb.vectors)],
+                model=req.model or s.model_name, usage=p.Usage(prompt_tokens=emb.tokens, total_tokens=emb.tokens),
+                req_id=req_id, duration_ms=round(dur, 2), queue_ms=row["queue_ms"], worker_id=s.worker_id,
+            )
+        finally:
+            keepalive.cancel()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream the message is still being worked on, well within ack_wait."""
+        interval = max(0.5, self.settings.queue_ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _on_health(self, msg: Msg) -> None:
+        s = self.settings
+        body = {
+            "model_name": s.model_name, "worker_id": s.worker_id, "status": self.status,
+            "nats_topic": p.request_subject(s.model_kind, s.model_name),
+            "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 3),
+            "queue_metrics": {"active_processing": len(self.in_flight), "total_processed": self.total_processed,
+                              "total_failed": self.total_failed},
+        }
+        if msg.reply:
+            await msg.respond(p.json_bytes(body))
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
