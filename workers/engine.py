@@ -8,6 +8,8 @@ llama.cpp call runs in a thread so the event loop (heartbeats, health, acks) kee
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ class Engine:
         self._free: asyncio.Queue[Llama] = asyncio.Queue()
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
+        self._abort = threading.Event()
 
     def _new_context(self) -> Llama:
         from llama_cpp import Llama
@@ -80,6 +83,14 @@ class Engine:
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self._contexts[0].metadata) if self._contexts else {}
+
+    def abort(self) -> None:
+        """Stop every running generation within a token (used when a drain runs out of time)."""
+        self._abort.set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._contexts) - self._free.qsize()
 
     def close(self) -> None:
         for llm in self._contexts:
@@ -112,7 +123,7 @@ class Engine:
             produced[0] += 1
             if on_progress:
                 on_progress()
-            return False
+            return self._abort.is_set()
 
         out: Any = llm.create_completion(
             tokens,
@@ -122,7 +133,7 @@ class Engine:
             top_k=p.top_k if p.top_k is not None else 40,
             repeat_penalty=p.repeat_penalty if p.repeat_penalty is not None else 1.0,
             stop=(p.stop if p.stop is not None else []) + self.default_stop,
-            seed=p.seed,
+            seed=p.seed if p.seed is not None else random.getrandbits(31),  # else llama chains seeds
             stopping_criteria=StoppingCriteriaList([count]),
         )
         choice = out["choices"][0]
@@ -147,6 +158,8 @@ class Engine:
         vectors: list[list[float]] = []
         total = 0
         for i, text in enumerate(texts):
+            if self._abort.is_set():
+                raise RuntimeError("aborted")
             n = len(llm.tokenize(text.encode(), add_bos=True, special=False))
             if n > self.ctx_size:
                 raise BadRequest("context_overflow", f"input[{i}] is {n} tokens but the context holds "

@@ -94,6 +94,7 @@ def from_hub(settings: Settings, target: Path | None) -> Path:
                 repo_id=settings.model_repo,
                 filename=settings.model_file,
                 local_dir=target.parent,
+                endpoint=endpoint,
                 tqdm_class=RichTqdm,  # type: ignore[arg-type]
             )
         )

@@ -54,6 +54,7 @@ class Worker:
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
         self.total_processed = 0
         self.total_failed = 0
+        self.aborted = False
         self._subs: list[Any] = []
 
     # --- lifecycle ---------------------------------------------------------------
@@ -79,7 +80,7 @@ class Worker:
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self.nc.drain()
-            if self.engine is not None:
+            if self.engine is not None and self.engine.busy == 0:
                 self.engine.close()
             await self.store.close()
 
@@ -132,11 +133,13 @@ class Worker:
             await pull
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=s.drain_timeout)
-        for task, msg in list(self.in_flight.items()):
-            # Unfinished: hand it back now rather than after ack_wait, so another worker takes it.
-            task.cancel()
-            with contextlib.suppress(Exception):
-                await msg.nak()
+        if self.in_flight:
+            # Out of time: stop the generations and hand the messages back now (not after ack_wait),
+            # so another worker takes them. The threads must finish before the contexts are freed.
+            self.aborted = True
+            assert self.engine is not None
+            self.engine.abort()
+            await asyncio.wait(list(self.in_flight), timeout=30)
         self.status = "stopping"
         await self.dead_letters.stop()
 
@@ -205,12 +208,20 @@ class Worker:
                                dur_ms=float(p.now_ms() - start))
             return
         except Exception as e:
+            if self.aborted:
+                await msg.nak()
+                self.store.request(**row, status="handed_back", error="drain timeout: returned to the queue")
+                return
             # Unexpected: give it back for another try; after max_deliver the dead-letter handler answers.
             self.total_failed += 1
             self.store.request(**row, finish_reason="error", status="failed", error=repr(e),
                                dur_ms=float(p.now_ms() - start))
             self.store.event("request.failed", repr(e), level="error", req_id=req_id, deliveries=deliveries)
             await msg.nak(delay=1.0)
+            return
+        if self.aborted:
+            await msg.nak()
+            self.store.request(**row, status="handed_back", error="drain timeout: returned to the queue")
             return
         await self.replier.send(reply_targets(*targets), p.dumps(body), None, req_id)
         await msg.ack()

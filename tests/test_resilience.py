@@ -1,0 +1,141 @@
+"""Nothing accepted is lost: SIGKILL, broker restarts, SIGTERM drains, ghosts and poison messages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+
+import nats
+
+from workers import protocol as p
+from workers.config import Settings
+from workers.queue import DeadLetters, ensure_consumer, ensure_stream
+from workers.store import Store
+
+from .conftest import ask
+
+SUBJECT = "inference.request.gemma3-270m"
+
+
+async def send_many(nc: nats.NATS, n: int, max_tokens: int, prefix: str) -> list[nats.aio.subscription.Subscription]:
+    """Publish n requests, each with its own inbox subscription so extra replies would be seen."""
+    subs = []
+    for i in range(n):
+        inbox = nc.new_inbox()
+        subs.append(await nc.subscribe(inbox))
+        body = {"req_id": f"{prefix}-{i}", "input": f"Tell me fact number {i} about the sea.",
+                "params": {"max_tokens": max_tokens, "temperature": 0}}
+        await nc.publish(SUBJECT, json.dumps(body).encode(), reply=inbox)
+    await nc.flush()
+    return subs
+
+
+async def answers(subs, timeout: float) -> list[dict]:
+    out = [json.loads((await s.next_msg(timeout=timeout)).data) for s in subs]
+    await asyncio.sleep(1.0)
+    for s in subs:
+        assert s.pending_msgs == 0, "a caller got more than one answer"
+    return out
+
+
+async def test_sigkill_mid_generation_loses_nothing(start_worker, nc):
+    a = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3)
+    subs = await send_many(nc, 5, 96, "kill")
+    await asyncio.sleep(1.5)  # a holds the first request, the rest are queued
+    a.kill()
+    b = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3)
+    replies = await answers(subs, timeout=120)
+    assert sorted(r["req_id"] for r in replies) == [f"kill-{i}" for i in range(5)]
+    assert all(r["finish_reason"] in ("stop", "length") and "error" not in r for r in replies)
+    assert {r["worker_id"] for r in replies} == {f"gemma3-270m-{_host()}-{b.proc.pid}"}
+
+
+async def test_broker_restart_with_queued_requests(start_worker, nc, nats_server):
+    await start_worker(WORKER_CONCURRENCY=1)
+    subs = await send_many(nc, 4, 48, "restart")
+    await asyncio.sleep(0.5)
+    nats_server.restart()  # same port, same JetStream store
+    replies = await answers(subs, timeout=120)
+    assert sorted(r["req_id"] for r in replies) == [f"restart-{i}" for i in range(4)]
+    assert all("error" not in r for r in replies)
+
+
+async def test_sigterm_finishes_in_flight_work_then_exits(start_worker, nc):
+    w = await start_worker(WORKER_CONCURRENCY=1)
+    subs = await send_many(nc, 1, 64, "drain")
+    await asyncio.sleep(1.0)
+    assert await asyncio.to_thread(w.terminate, 60) == 0
+    (reply,) = await answers(subs, timeout=10)
+    assert reply["req_id"] == "drain-0" and "error" not in reply
+    with sqlite3.connect(w.db) as db:
+        codes = [r[0] for r in db.execute("SELECT code FROM events ORDER BY id")]
+    assert codes.index("drain") < codes.index("shutdown")
+
+
+async def test_unfinished_work_is_handed_back_on_drain_timeout(start_worker, nc):
+    a = await start_worker(WORKER_CONCURRENCY=1, DRAIN_TIMEOUT=0)
+    subs = await send_many(nc, 1, 200, "handback")
+    await asyncio.sleep(1.0)
+    assert await asyncio.to_thread(a.terminate, 60) == 0
+    b = await start_worker(WORKER_CONCURRENCY=1)
+    (reply,) = await answers(subs, timeout=120)
+    assert reply["worker_id"].endswith(f"-{b.proc.pid}") and "error" not in reply
+
+
+async def test_ghost_request_past_its_deadline_is_skipped(start_worker, nc):
+    w = await start_worker(WORKER_CONCURRENCY=1)
+    busy = asyncio.create_task(ask(nc, SUBJECT, {"input": "Write a poem.", "params": {"max_tokens": 120}}))
+    await asyncio.sleep(0.3)
+    ghost = await ask(nc, SUBJECT, {"req_id": "ghost", "input": "Hi", "timeout_ms": 100}, timeout=120)
+    assert ghost["error"]["code"] == 504 and ghost["error"]["type"] == "expired"
+    await busy
+    await asyncio.sleep(1.0)
+    with sqlite3.connect(w.db) as db:
+        row = db.execute("SELECT status, response_text FROM requests WHERE req_id='ghost'").fetchone()
+    assert row == ("expired", None)
+
+
+async def test_dead_letter_is_answered_logged_and_removed(nats_server, nc, tmp_path):
+    """A message that exhausts max_deliver gets an error reply; JetStream would otherwise keep it forever."""
+    settings = Settings(model_name="poison", nats_url=nats_server.url, data_dir=tmp_path, queue_max_deliver=2,
+                        queue_ack_wait_s=1)
+    js = nc.jetstream()
+    await ensure_stream(js, settings)
+    durable = await ensure_consumer(js, settings)
+    store = Store(settings.log_path)
+    await store.open()
+    dead = DeadLetters(nc, js, settings, store)
+    await dead.start()
+    inbox = nc.new_inbox()
+    caller = await nc.subscribe(inbox)
+    await js.publish(p.queue_subject("inference", "poison"), b'{"input":"boom"}',
+                     headers={p.H_REPLY_TO: inbox, p.H_REQ_ID: "poison-1"})
+    psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
+    for _ in range(2):  # a worker that fails on it every time
+        (msg,) = await psub.fetch(1, timeout=5)
+        await msg.nak()
+    # JetStream notices the exhausted message when it next tries to deliver, i.e. on a waiting pull.
+    try:
+        extra = await psub.fetch(1, timeout=2)
+        raise AssertionError(f"delivered past max_deliver: {extra}")
+    except nats.errors.TimeoutError:
+        pass
+    reply = json.loads((await caller.next_msg(timeout=10)).data)
+    assert reply["req_id"] == "poison-1" and reply["error"]["type"] == "dead_letter"
+    deadline = time.monotonic() + 5
+    while (await js.stream_info(p.STREAM_NAME)).state.messages and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert (await js.stream_info(p.STREAM_NAME)).state.messages == 0
+    await dead.stop()
+    await store.close()
+    with sqlite3.connect(settings.log_path) as db:
+        assert db.execute("SELECT status FROM requests WHERE req_id='poison-1'").fetchone() == ("dead_letter",)
+        assert db.execute("SELECT count(*) FROM events WHERE code='request.dead_letter'").fetchone() == (1,)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -1,0 +1,51 @@
+"""The SQLite log: one row per request with the exact prompt, lifecycle events, bounded retention."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+
+from workers.store import Store
+
+from .conftest import ask
+
+
+async def test_a_request_row_and_the_lifecycle_events(start_worker, nc):
+    w = await start_worker()
+    out = await ask(nc, "inference.request.gemma3-270m",
+                    {"req_id": "row-1", "input": "Hi", "params": {"max_tokens": 6, "temperature": 0, "seed": 3}})
+    assert await asyncio.to_thread(w.terminate, 60) == 0
+    db = sqlite3.connect(w.db)
+    db.row_factory = sqlite3.Row
+    row = db.execute("SELECT * FROM requests WHERE req_id='row-1'").fetchone()
+    assert row["status"] == "ok" and row["source"] == "nats" and row["worker_id"] == out["worker_id"]
+    assert json.loads(row["raw_input"])["input"] == "Hi"
+    assert row["formatted_input"].endswith("<start_of_turn>model\n")
+    assert json.loads(row["params_json"]) == {"max_tokens": 6, "temperature": 0.0, "seed": 3}
+    assert row["response_text"] == out["text"] and row["tokens_out"] == out["tokens_out"]
+    assert row["tokens_in"] == out["tokens_in"] and row["deliveries"] == 1
+    assert row["ttft_ms"] > 0 and row["dur_ms"] >= row["ttft_ms"] and row["queue_ms"] >= 0
+    assert row["finish_reason"] == out["finish_reason"]
+    codes = [r[0] for r in db.execute("SELECT code FROM events ORDER BY id")]
+    expected = ["startup", "nats.connected", "model.loading", "model.loaded", "server.ready", "drain", "shutdown"]
+    assert [c for c in codes if c in expected] == expected
+    modes = {r[0] for r in db.execute("PRAGMA journal_mode")}
+    assert modes == {"wal"}
+
+
+async def test_retention_drops_old_rows_and_caps_the_count(tmp_path):
+    store = Store(tmp_path / "x.sqlite", retention_days=1, max_rows=100)
+    await store.open()
+    for i in range(150):
+        store.request(ts=time.time(), req_id=f"r{i}", status="ok")
+    store.request(ts=time.time() - 3 * 86400, req_id="old", status="ok")
+    store.event("startup", "hello")
+    await store.flush()
+    await store.prune()
+    await store.close()
+    with sqlite3.connect(tmp_path / "x.sqlite") as db:
+        ids = [r[0] for r in db.execute("SELECT req_id FROM requests ORDER BY id")]
+        assert "old" not in ids and len(ids) == 100 and ids[-1] == "r149"
+        assert db.execute("SELECT code FROM events").fetchall() == [("startup",)]
