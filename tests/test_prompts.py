@@ -30,7 +30,9 @@ def test_gemma_has_no_system_turn_so_system_goes_before_the_first_user_message()
 
 def test_chatml_system_turn():
     r = req(messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
-    assert format_prompt(r, QWEN) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    assert format_prompt(r, QWEN) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_raw_passes_through():

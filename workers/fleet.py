@@ -25,7 +25,7 @@ from .config import ROOT, ConfigError, Settings, available_workers, load_setting
 from .modelfile import model_path
 
 RUN = ROOT / "data" / "run"
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)  # pipes and CI logs get full rows
 err = Console(stderr=True)
 
 
@@ -197,7 +197,7 @@ def logs(name: str, limit: int) -> int:
     for r in reversed(read_recent(s.log_path, "requests", limit)):
         req.add_row(time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["req_id"] or "", r["status"] or "",
                     r["finish_reason"] or "", f"{r['tokens_in'] or 0}/{r['tokens_out'] or 0}",
-                    f"{r['queue_ms'] or 0:.0f}", f"{r['dur_ms'] or 0:.0f}", (r["raw_input"] or "")[:60],
+                    f"{r['queue_ms'] or 0:.0f}", f"{r['dur_ms'] or 0:.0f}", _input_text(r["raw_input"])[:60],
                     (r["error"] or r["response_text"] or "")[:80])
     ev = Table(title=f"{name}: last {limit} events")
     for col in ("time", "level", "code", "message"):
@@ -206,6 +206,19 @@ def logs(name: str, limit: int) -> int:
         ev.add_row(time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["level"], r["code"], r["msg"] or "")
     console.print(req, ev)
     return 0
+
+
+def _input_text(raw: str | None) -> str:
+    """The prompt a caller sent, for display: `input`, or the last chat message, or the raw body."""
+    try:
+        body = json.loads(raw or "")
+        if isinstance(body.get("input"), str):
+            return body["input"]
+        if isinstance(body.get("input"), list):
+            return " | ".join(map(str, body["input"]))
+        return str(body["messages"][-1]["content"])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return raw or ""
 
 
 def main(argv: list[str] | None = None) -> int:

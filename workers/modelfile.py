@@ -87,7 +87,8 @@ def from_hub(settings: Settings, target: Path | None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    _console.print(f"[bold]{settings.model_name}[/]: downloading {settings.model_repo}/{settings.model_file} from {endpoint}")
+    source = f"{settings.model_repo}/{settings.model_file}"
+    _console.print(f"[bold]{settings.model_name}[/]: downloading {source} from {endpoint}")
     try:
         path = Path(
             hf_hub_download(
@@ -104,7 +105,8 @@ def from_hub(settings: Settings, target: Path | None) -> Path:
         path.replace(target)
     if settings.model_sha256 and sha256(target) != settings.model_sha256:
         target.unlink(missing_ok=True)
-        raise ModelNotFound(_advice(settings, f"{target.name} does not match MODEL_SHA256; the damaged file was removed."))
+        why = f"{target.name} does not match MODEL_SHA256; the damaged file was removed."
+        raise ModelNotFound(_advice(settings, why))
     return target
 
 

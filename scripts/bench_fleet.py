@@ -1,0 +1,153 @@
+"""Benchmark: the fleet over NATS against direct llama-cpp-python calls, in the same run.
+
+40 completions of 32 tokens at temperature 0, sequentially and at concurrency 4. The direct
+baseline uses the worker's own Engine (same contexts, threads and prompt), so the difference is
+what NATS + JetStream + the worker add. Prints throughput, the fleet/direct ratio and the added
+p50/p95 latency. Not a test: figures depend on the machine and its load.
+
+    python scripts/bench_fleet.py [--n 40] [--tokens 32] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import nats  # noqa: E402
+
+from workers import broker  # noqa: E402
+from workers.config import load_settings  # noqa: E402
+from workers.engine import Engine  # noqa: E402
+from workers.modelfile import resolve  # noqa: E402
+from workers.prompts import Template, format_prompt  # noqa: E402
+from workers.protocol import InferenceRequest, Params  # noqa: E402
+
+SUBJECT = "inference.request.gemma3-270m"
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Question {i}: name one fruit and one colour." for i in range(n)]
+
+
+async def run_batch(call, items: list[str], concurrency: int) -> tuple[float, list[float]]:
+    """Run `call(item)` over items with at most `concurrency` at once; wall seconds and per-call latencies."""
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+
+    async def one(item: str) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            await call(item)
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in items))
+    return time.perf_counter() - t0, lat
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=4)
+    args = ap.parse_args()
+
+    settings = load_settings("gemma3-270m")
+    model = resolve(settings)
+    template = Template.load(settings.template_path)
+    threads = max(1, (os.cpu_count() or 1) // args.concurrency)
+    params = Params(max_tokens=args.tokens, temperature=0)
+    items = prompts(args.n)
+
+    engine = Engine(model, kind="inference", concurrency=args.concurrency, ctx_size=settings.ctx_size,
+                    threads=threads, default_stop=template.stop)
+    await engine.load()
+
+    async def direct(text: str) -> None:
+        out = await engine.complete(format_prompt(InferenceRequest(input=text), template), params)
+        assert out.tokens_out > 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = broker.free_port()
+        server = broker.start(port, Path(tmp) / "js")
+        url = f"nats://127.0.0.1:{port}"
+        env = dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), MODEL_PATH=str(model),
+                   WORKER_CONCURRENCY=str(args.concurrency), MODEL_THREADS=str(threads), HTTP_ADDR="")
+        worker = subprocess.Popen([sys.executable, "-m", "workers", "gemma3-270m"], env=env, cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        nc = await nats.connect(url)
+        try:
+            while True:
+                try:
+                    health = await nc.request("models.gemma3-270m.health", b"", timeout=1)
+                    if json.loads(health.data)["status"] == "online":
+                        break
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    if worker.poll() is not None:
+                        raise SystemExit(f"worker exited: {worker.stderr.read().decode()}") from None
+                    await asyncio.sleep(0.2)
+            engine_ms: list[float] = []
+
+            async def fleet(text: str) -> None:
+                body = json.dumps({"input": text, "params": {"max_tokens": args.tokens, "temperature": 0}})
+                msg = await nc.request(SUBJECT, body.encode(), timeout=120)
+                out = json.loads(msg.data)
+                assert out["tokens_out"] > 0, out
+                engine_ms.append(out["duration_ms"])
+
+            # warm both paths (page cache, prompt cache) before measuring
+            await run_batch(direct, items[:4], args.concurrency)
+            await run_batch(fleet, items[:4], args.concurrency)
+            engine_ms.clear()
+            rows = []
+            for label, conc in (("sequential", 1), (f"concurrency {args.concurrency}", args.concurrency)):
+                # ABBA order so drift in the machine's load does not favour either side
+                half = items[: len(items) // 2], items[len(items) // 2 :]
+                engine_ms.clear()
+                d1, l1 = await run_batch(direct, half[0], conc)
+                f1, m1 = await run_batch(fleet, half[0], conc)
+                f2, m2 = await run_batch(fleet, half[1], conc)
+                d2, l2 = await run_batch(direct, half[1], conc)
+                d_wall, d_lat, f_wall, f_lat = d1 + d2, l1 + l2, f1 + f2, m1 + m2
+                print(f"{label}: direct median {statistics.median(d_lat) * 1000:.0f} ms, worker engine median "
+                      f"{statistics.median(engine_ms):.0f} ms, fleet median {statistics.median(f_lat) * 1000:.0f} ms")
+                overhead = [f * 1000 - e for f, e in zip(sorted(f_lat), sorted(engine_ms), strict=False)]
+                rows.append((label, args.n / d_wall, args.n / f_wall, d_lat, f_lat, overhead))
+        finally:
+            await nc.close()
+            worker.terminate()
+            worker.wait(60)
+            server.terminate()
+            server.wait(10)
+    engine.close()
+
+    print(f"\n{args.n} completions × {args.tokens} tokens, temperature 0, gemma3-270m, "
+          f"{threads} thread(s) per context, {os.cpu_count()} cores")
+    print(f"{'mode':<16}{'direct req/s':>13}{'fleet req/s':>13}{'ratio':>8}{'added p50 ms':>14}{'added p95 ms':>14}"
+          f"{'overhead p50 ms':>17}")
+    for label, d_rps, f_rps, d_lat, f_lat, overhead in rows:
+        add50 = (statistics.median(f_lat) - statistics.median(d_lat)) * 1000
+        add95 = (pct(f_lat, 95) - pct(d_lat, 95)) * 1000
+        print(f"{label:<16}{d_rps:>13.2f}{f_rps:>13.2f}{f_rps / d_rps:>8.3f}{add50:>14.1f}{add95:>14.1f}"
+              f"{statistics.median(overhead):>17.1f}")
+    print("\nratio = fleet/direct throughput; added = fleet minus direct latency percentiles; "
+          "overhead = caller's latency minus the worker's own engine time (NATS + JetStream + worker).")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
