@@ -176,3 +176,16 @@ async def ask(nc: nats.NATS, subject: str, body: dict[str, Any] | bytes, timeout
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     msg = await nc.request(subject, data, timeout=timeout)
     return json.loads(msg.data)
+
+
+async def send_many(nc: nats.NATS, n: int, max_tokens: int, prefix: str) -> list[nats.aio.subscription.Subscription]:
+    """Publish n requests, each with its own inbox subscription so extra replies would be seen."""
+    subs = []
+    for i in range(n):
+        inbox = nc.new_inbox()
+        subs.append(await nc.subscribe(inbox))
+        body = {"req_id": f"{prefix}-{i}", "input": f"Tell me fact number {i} about the sea.",
+                "params": {"max_tokens": max_tokens, "temperature": 0}}
+        await nc.publish("inference.request.gemma3-270m", json.dumps(body).encode(), reply=inbox)
+    await nc.flush()
+    return subs

@@ -14,22 +14,9 @@ from workers.config import Settings
 from workers.queue import DeadLetters, ensure_consumer, ensure_stream
 from workers.store import Store
 
-from .conftest import ask
+from .conftest import ask, send_many
 
 SUBJECT = "inference.request.gemma3-270m"
-
-
-async def send_many(nc: nats.NATS, n: int, max_tokens: int, prefix: str) -> list[nats.aio.subscription.Subscription]:
-    """Publish n requests, each with its own inbox subscription so extra replies would be seen."""
-    subs = []
-    for i in range(n):
-        inbox = nc.new_inbox()
-        subs.append(await nc.subscribe(inbox))
-        body = {"req_id": f"{prefix}-{i}", "input": f"Tell me fact number {i} about the sea.",
-                "params": {"max_tokens": max_tokens, "temperature": 0}}
-        await nc.publish(SUBJECT, json.dumps(body).encode(), reply=inbox)
-    await nc.flush()
-    return subs
 
 
 async def answers(subs, timeout: float) -> list[dict]:

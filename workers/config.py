@@ -72,6 +72,10 @@ class Settings(BaseSettings):
 
     # telemetry and log
     heartbeat_interval: float = Field(default=10.0, gt=0)
+    report_interval_busy: float = Field(default=1.0, gt=0)
+    report_interval_idle: float = Field(default=10.0, gt=0)
+    backpressure_warning: float = Field(default=0.5, gt=0)
+    backpressure_critical: float = Field(default=0.8, gt=0)
     log_retention_days: float = Field(default=14.0, gt=0)
     log_max_rows: int = Field(default=200_000, ge=100)
 
@@ -94,6 +98,8 @@ class Settings(BaseSettings):
     def _derived(self) -> Settings:
         if not self.worker_id:
             self.worker_id = f"{self.model_name}-{socket.gethostname()}-{os.getpid()}"
+        if self.backpressure_warning >= self.backpressure_critical:
+            raise ValueError("BACKPRESSURE_WARNING must be below BACKPRESSURE_CRITICAL")
         if self.model_threads == 0:
             self.model_threads = max(1, (os.cpu_count() or 1) // self.worker_concurrency)
         return self

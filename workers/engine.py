@@ -84,6 +84,10 @@ class Engine:
     def metadata(self) -> dict[str, str]:
         return dict(self._contexts[0].metadata) if self._contexts else {}
 
+    @property
+    def n_params(self) -> int | None:
+        return int(self._contexts[0]._model.n_params()) if self._contexts else None
+
     def abort(self) -> None:
         """Stop every running generation within a token (used when a drain runs out of time)."""
         self._abort.set()

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+VERSION = "0.1.0"
+
 Kind = Literal["inference", "embedding"]
 
 # --- subjects --------------------------------------------------------------
@@ -62,6 +64,15 @@ def health_subject(model: str) -> str:
 
 def heartbeat_subject(model: str) -> str:
     return f"models.{token(model)}.heartbeat"
+
+
+def monitoring_subject(kind: Kind, model: str) -> str:
+    return f"monitoring.{kind}.{token(model)}"
+
+
+def service_name(model: str) -> str:
+    """ADR-32 service names allow only A-Z a-z 0-9 - _."""
+    return token(model)
 
 
 def ingress_group(kind: Kind, model: str) -> str:
@@ -182,6 +193,61 @@ class EmbeddingResponse(_Message):
     queue_ms: float = 0.0
     worker_id: str = ""
     error: ErrorBody | None = None
+
+
+class QueueMetrics(_Message):
+    pending_messages: int  # JetStream: num_pending + num_ack_pending of the model's consumer
+    active_processing: int  # in this instance's hands right now
+    queue_capacity: int
+    total_processed: int
+    total_failed: int
+    last_processed_at: float | None  # epoch seconds of the last finished request; None if none yet
+
+
+class Backpressure(_Message):
+    level: Literal["healthy", "warning", "critical"]
+    utilization: float
+
+
+class Health(_Message):
+    """The health reply and the heartbeat body."""
+
+    model_name: str
+    worker_id: str
+    kind: Kind
+    status: Literal["starting", "online", "draining", "stopping"]
+    capabilities: list[str]
+    endpoint: str | None
+    nats_topic: str
+    version: str
+    model_info: dict[str, Any]
+    queue_metrics: QueueMetrics
+    backpressure_status: Backpressure
+    started_at: float
+    uptime_s: float
+    heartbeat_interval_s: float
+    seq: int
+
+
+class BackpressureReport(_Message):
+    model_name: str
+    worker_id: str
+    pending_messages: int
+    active_processing: int
+    queue_capacity: int
+    utilization: float
+    status: Literal["healthy", "warning", "critical"]
+    worker_count: int
+    timestamp: float
+
+
+def backpressure_level(utilization: float, warning: float = 0.5, critical: float = 0.8) -> str:
+    """THE mapping from queue utilization to a level; heartbeat, report, metrics and monitor all use it."""
+    if utilization >= critical:
+        return "critical"
+    if utilization >= warning:
+        return "warning"
+    return "healthy"
 
 
 # --- errors -------------------------------------------------------------------

@@ -32,6 +32,8 @@ from . import protocol as p
 from .config import Settings
 from .store import Store
 
+Record = Callable[[dict[str, Any]], None]  # writes a finished request's row (log + metrics + counters)
+
 ERR_MAX_PER_SUBJECT = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded"
 
 
@@ -120,25 +122,33 @@ def reply_targets(*candidates: str | None) -> list[str]:
 class Ingress:
     """Turns public core requests into queued JetStream messages; replies only when it cannot queue."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store,
-                 on_rejected: Callable[[], None] | None = None) -> None:
-        self.nc, self.js, self.settings, self.store = nc, js, settings, store
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, record: Record) -> None:
+        self.nc, self.js, self.settings, self.record = nc, js, settings, record
         self.replier = Replier(nc, settings)
         self.subject = p.queue_subject(settings.model_kind, settings.model_name)
-        self.on_rejected = on_rejected
-        self._sub: Any = None
+        self.service: Any = None
 
-    async def start(self) -> None:
+    async def start(self, stats: Callable[[Any], Any]) -> None:
+        """Serve the public subject as an ADR-32 endpoint, so `$SRV.PING/INFO/STATS` list this instance."""
+        from nats.micro import add_service
+
         s = self.settings
-        self._sub = await self.nc.subscribe(
-            p.request_subject(s.model_kind, s.model_name), queue=p.ingress_group(s.model_kind, s.model_name),
-            cb=self.handle,
+        self.service = await add_service(
+            self.nc, name=p.service_name(s.model_name), version=p.VERSION,
+            description=f"{s.model_kind} worker for {s.model_name}",
+            metadata={"model": s.model_name, "kind": s.model_kind, "worker_id": s.worker_id},
+            stats_handler=stats,
+        )
+        await self.service.add_endpoint(
+            name="request", subject=p.request_subject(s.model_kind, s.model_name),
+            queue_group=p.ingress_group(s.model_kind, s.model_name), handler=lambda req: self.handle(req._msg),
+            metadata={"model": s.model_name, "kind": s.model_kind},
         )
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        if self.service is not None:
+            await self.service.stop()
+            self.service = None
 
     async def handle(self, msg: Msg) -> None:
         received = p.now_ms()
@@ -184,20 +194,18 @@ class Ingress:
         req_id = req_id or _req_id_guess(msg.data)
         data, headers = self.replier.error(req_id, status, type_, message)
         await self.replier.send(reply_targets(msg.reply, payload_reply), data, headers, req_id)
-        self.store.request(
+        self.record(dict(
             req_id=req_id, worker_id=self.settings.worker_id, source="nats",
             raw_input=msg.data[:4096].decode(errors="replace"), finish_reason="error", deliveries=0,
             status="rejected", error=f"{status} {type_}: {message}",
-        )
-        if self.on_rejected:
-            self.on_rejected()
+        ))
 
 
 class DeadLetters:
     """Answers and removes messages that JetStream stopped delivering after `max_deliver` attempts."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store) -> None:
-        self.nc, self.js, self.settings, self.store = nc, js, settings, store
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store, record: Record) -> None:
+        self.nc, self.js, self.settings, self.store, self.record = nc, js, settings, store, record
         self.replier = Replier(nc, settings)
         self._sub: Any = None
 
@@ -237,11 +245,11 @@ class DeadLetters:
             await self.js.delete_msg(p.STREAM_NAME, seq)
         except NotFoundError:
             pass
-        self.store.request(
+        self.record(dict(
             req_id=req_id, worker_id=self.settings.worker_id, source="nats",
             raw_input=(stored.data or b"")[:4096].decode(errors="replace"), finish_reason="error",
             deliveries=deliveries, status="dead_letter", error=f"500 dead_letter: {message}",
-        )
+        ))
         self.store.event("request.dead_letter", message, level="error", req_id=req_id, stream_seq=seq)
 
 

@@ -18,10 +18,14 @@ from . import protocol as p
 from .config import Settings
 from .connection import connect
 from .engine import Engine
+from .httpapi import build_app, server
+from .metrics import Metrics
 from .modelfile import ModelNotFound, resolve
+from .modelinfo import capabilities, model_info
 from .prompts import Template, TemplateError, format_prompt
 from .queue import DeadLetters, Ingress, Replier, ensure_consumer, ensure_stream, reply_targets
 from .store import Store
+from .telemetry import Telemetry
 
 FETCH_WAIT_S = 5.0
 
@@ -54,8 +58,28 @@ class Worker:
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
         self.total_processed = 0
         self.total_failed = 0
+        self.last_processed_at: float | None = None
+        self.model_info: dict[str, Any] = {}
+        self.capabilities: list[str] = []
         self.aborted = False
-        self._subs: list[Any] = []
+        self.metrics = Metrics(settings.model_name)
+        self.telemetry: Telemetry | None = None
+        self.http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.in_flight)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """A finished request: its log row, its metrics, this instance's totals."""
+        self.store.request(**row)
+        self.metrics.observe(row)
+        if row.get("status") == "ok":
+            self.total_processed += 1
+            self.last_processed_at = time.time()
+        elif row.get("status") != "handed_back":
+            self.total_failed += 1
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -69,6 +93,9 @@ class Worker:
         try:
             await self._start()
             self.status = "online"
+            self.metrics.ready.labels(s.model_name).set(1)
+            assert self.telemetry is not None
+            await self.telemetry.heartbeat()
             self.store.event("server.ready", f"serving {p.request_subject(s.model_kind, s.model_name)}")
             _say(f"{s.model_name}: ready on {p.request_subject(s.model_kind, s.model_name)} "
                  f"(worker {s.worker_id}, concurrency {s.worker_concurrency})")
@@ -76,6 +103,15 @@ class Worker:
             await self.should_exit.wait()
             await self._drain(pull)
         finally:
+            self.status = "stopping"
+            self.metrics.ready.labels(s.model_name).set(0)
+            if self.telemetry is not None:
+                with contextlib.suppress(Exception):
+                    await self.telemetry.stop()
+            if self.http is not None:
+                self.http.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._http_task, 5)  # type: ignore[arg-type]
             self.store.event("shutdown", "worker stopped", processed=self.total_processed, failed=self.total_failed)
             if self.nc is not None and not self.nc.is_closed:
                 with contextlib.suppress(Exception):
@@ -95,7 +131,9 @@ class Worker:
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, s)
         durable = await ensure_consumer(self.js, s)
-        self._subs.append(await self.nc.subscribe(p.health_subject(s.model_name), cb=self._on_health))
+        self.telemetry = Telemetry(self.nc, self.js, s, self.store, self, self.metrics)
+        await self.telemetry.start()  # the `starting` heartbeat goes out before the model loads
+        await self._start_http()
         self.store.event("model.loading", f"resolving model {s.model_name}")
         try:
             path = await asyncio.to_thread(resolve, s)
@@ -114,17 +152,34 @@ class Worker:
             raise StartupError(f"{s.model_name}: could not load the model: {e}") from None
         self.store.event("model.loaded", f"{path.name} loaded in {self.engine.load_seconds:.2f} s",
                          path=str(path), load_seconds=self.engine.load_seconds)
+        self.metrics.load_seconds.labels(s.model_name).set(self.engine.load_seconds)
+        self.model_info = model_info(self.engine.metadata, n_params=self.engine.n_params, context_size=s.ctx_size)
+        self.capabilities = capabilities(self.engine.metadata, kind=s.model_kind)
         self.psub = await self.js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
         self.replier = Replier(self.nc, s)
-        self.ingress = Ingress(self.nc, self.js, s, self.store, on_rejected=self._count_failed)
-        await self.ingress.start()
-        self.dead_letters = DeadLetters(self.nc, self.js, s, self.store)
+        self.ingress = Ingress(self.nc, self.js, s, self.record)
+        await self.ingress.start(self.telemetry.stats_data)
+        self.dead_letters = DeadLetters(self.nc, self.js, s, self.store, self.record)
         await self.dead_letters.start()
         await self.nc.flush()
+
+    async def _start_http(self) -> None:
+        addr = self.settings.http_host_port
+        if addr is None:
+            return
+        self.http = server(build_app(self.metrics, lambda: self.status), *addr)
+        self._http_task = asyncio.create_task(self.http.serve(), name="http")
+        while not self.http.started:
+            if self._http_task.done():
+                raise StartupError(f"HTTP_ADDR {self.settings.http_addr}: cannot listen there (port in use?); "
+                                   "choose another HTTP_ADDR or leave it empty")
+            await asyncio.sleep(0.02)
 
     async def _drain(self, pull: asyncio.Task[None]) -> None:
         s = self.settings
         self.status = "draining"
+        if self.telemetry is not None:
+            await self.telemetry.heartbeat()
         self.store.event("drain", f"draining {len(self.in_flight)} in-flight request(s)", timeout=s.drain_timeout)
         _say(f"{s.model_name}: draining ({len(self.in_flight)} in flight, up to {s.drain_timeout:g} s)")
         await self.ingress.stop()
@@ -167,16 +222,15 @@ class Worker:
             msg = msgs[0]
             task = asyncio.create_task(self._handle(msg))
             self.in_flight[task] = msg
+            self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(task, None)
+        self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
         self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             print(f"worker: request task failed: {task.exception()!r}", file=sys.stderr)
-
-    def _count_failed(self) -> None:
-        self.total_failed += 1
 
     async def _handle(self, msg: Msg) -> None:
         s = self.settings
@@ -202,31 +256,28 @@ class Worker:
             data, headers = self.replier.error(req_id, e.status, e.type, e.message)
             await self.replier.send(reply_targets(*targets), data, headers, req_id)
             await msg.ack()
-            self.total_failed += 1
             status = "expired" if e.type == "expired" else "rejected"
-            self.store.request(**row, finish_reason="error", status=status, error=f"{e.status} {e.type}: {e.message}",
-                               dur_ms=float(p.now_ms() - start))
+            self.record(dict(row, finish_reason="error", status=status, error=f"{e.status} {e.type}: {e.message}",
+                             dur_ms=float(p.now_ms() - start)))
             return
         except Exception as e:
             if self.aborted:
                 await msg.nak()
-                self.store.request(**row, status="handed_back", error="drain timeout: returned to the queue")
+                self.record(dict(row, status="handed_back", error="drain timeout: returned to the queue"))
                 return
             # Unexpected: give it back for another try; after max_deliver the dead-letter handler answers.
-            self.total_failed += 1
-            self.store.request(**row, finish_reason="error", status="failed", error=repr(e),
-                               dur_ms=float(p.now_ms() - start))
+            self.record(dict(row, finish_reason="error", status="failed", error=repr(e),
+                             dur_ms=float(p.now_ms() - start)))
             self.store.event("request.failed", repr(e), level="error", req_id=req_id, deliveries=deliveries)
             await msg.nak(delay=1.0)
             return
         if self.aborted:
             await msg.nak()
-            self.store.request(**row, status="handed_back", error="drain timeout: returned to the queue")
+            self.record(dict(row, status="handed_back", error="drain timeout: returned to the queue"))
             return
         await self.replier.send(reply_targets(*targets), p.dumps(body), None, req_id)
         await msg.ack()
-        self.total_processed += 1
-        self.store.request(**row, status="ok")
+        self.record(dict(row, status="ok"))
 
     async def _run(self, req: p.InferenceRequest | p.EmbeddingRequest, req_id: str, msg: Msg,
                    row: dict[str, Any]) -> p.InferenceResponse | p.EmbeddingResponse:
@@ -267,18 +318,6 @@ class Worker:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 await msg.in_progress()
-
-    async def _on_health(self, msg: Msg) -> None:
-        s = self.settings
-        body = {
-            "model_name": s.model_name, "worker_id": s.worker_id, "status": self.status,
-            "nats_topic": p.request_subject(s.model_kind, s.model_name),
-            "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 3),
-            "queue_metrics": {"active_processing": len(self.in_flight), "total_processed": self.total_processed,
-                              "total_failed": self.total_failed},
-        }
-        if msg.reply:
-            await msg.respond(p.json_bytes(body))
 
 
 def _int(value: str | None, default: int) -> int:

@@ -1,0 +1,181 @@
+"""What a worker tells the world: health replies, heartbeats, backpressure reports, `$SRV` stats.
+
+Queue depth is JetStream's own number (consumer `num_pending + num_ack_pending`), refreshed once a
+second by one task and cached; replicas of a model therefore report the same depth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from . import protocol as p
+from .config import Settings
+from .metrics import Metrics
+from .store import Store
+
+
+class WorkerState(Protocol):
+    status: str
+    started_at: float
+    total_processed: int
+    total_failed: int
+    last_processed_at: float | None
+    model_info: dict[str, Any]
+    capabilities: list[str]
+
+    @property
+    def active(self) -> int: ...
+
+
+class Telemetry:
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store, state: WorkerState,
+                 metrics: Metrics) -> None:
+        self.nc, self.js, self.settings, self.store, self.state, self.metrics = nc, js, settings, store, state, metrics
+        self.depth = 0
+        self.seq = 0
+        self.peers: dict[str, float] = {}  # worker_id -> monotonic time of its last heartbeat
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Any] = []
+        self._heartbeat_failed = False
+
+    async def start(self) -> None:
+        s = self.settings
+        self._subs.append(await self.nc.subscribe(p.health_subject(s.model_name), cb=self._on_health))
+        self._subs.append(await self.nc.subscribe(p.heartbeat_subject(s.model_name), cb=self._on_peer))
+        await self.heartbeat()
+        self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                       asyncio.create_task(self._report_loop(), name="backpressure")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.heartbeat()  # the `stopping` one
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # --- numbers -------------------------------------------------------------------
+
+    @property
+    def utilization(self) -> float:
+        return round(self.depth / self.settings.queue_max_per_model, 4)
+
+    @property
+    def level(self) -> str:
+        s = self.settings
+        return p.backpressure_level(self.utilization, s.backpressure_warning, s.backpressure_critical)
+
+    @property
+    def worker_count(self) -> int:
+        horizon = time.monotonic() - 2 * self.settings.heartbeat_interval
+        live = {w for w, seen in self.peers.items() if seen >= horizon}
+        return len(live | {self.settings.worker_id})
+
+    async def refresh_depth(self) -> None:
+        s = self.settings
+        try:
+            info = await self.js.consumer_info(p.STREAM_NAME, p.consumer_name(s.model_kind, s.model_name))
+        except Exception:
+            return  # keep the last known depth while JetStream is unreachable
+        self.depth = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self.metrics.waiting.labels(s.model_name).set(self.depth)
+
+    def health(self) -> p.Health:
+        s, st = self.settings, self.state
+        host, port = s.http_host_port or ("", 0)
+        endpoint = f"http://{_public_host(host)}:{port}" if port else None
+        return p.Health(
+            model_name=s.model_name, worker_id=s.worker_id, kind=s.model_kind, status=st.status,  # type: ignore
+            capabilities=st.capabilities, endpoint=endpoint,
+            nats_topic=p.request_subject(s.model_kind, s.model_name), version=p.VERSION, model_info=st.model_info,
+            queue_metrics=p.QueueMetrics(
+                pending_messages=self.depth, active_processing=st.active, queue_capacity=s.queue_max_per_model,
+                total_processed=st.total_processed, total_failed=st.total_failed,
+                last_processed_at=st.last_processed_at,
+            ),
+            backpressure_status=p.Backpressure(level=self.level, utilization=self.utilization),  # type: ignore
+            started_at=st.started_at, uptime_s=round(time.time() - st.started_at, 3),
+            heartbeat_interval_s=s.heartbeat_interval, seq=self.seq,
+        )
+
+    def report(self) -> p.BackpressureReport:
+        s = self.settings
+        return p.BackpressureReport(
+            model_name=s.model_name, worker_id=s.worker_id, pending_messages=self.depth,
+            active_processing=self.state.active, queue_capacity=s.queue_max_per_model,
+            utilization=self.utilization, status=self.level, worker_count=self.worker_count,  # type: ignore
+            timestamp=time.time(),
+        )
+
+    def stats_data(self, _endpoint_stats: Any = None) -> dict[str, Any]:
+        """The `data` of `$SRV.STATS`: the cached queue depth and this instance's totals."""
+        st = self.state
+        return {"queue_depth": self.depth, "active": st.active, "processed": st.total_processed,
+                "failed": st.total_failed, "level": self.level, "status": st.status}
+
+    # --- publishing -------------------------------------------------------------------
+
+    async def heartbeat(self) -> None:
+        self.seq += 1
+        try:
+            await self.nc.publish(p.heartbeat_subject(self.settings.model_name), p.dumps(self.health()))
+            if self._heartbeat_failed:
+                self._heartbeat_failed = False
+                self.store.event("heartbeat.recovered", "heartbeats are going out again")
+        except Exception as e:
+            if not self._heartbeat_failed:  # one event per outage, not one per beat
+                self._heartbeat_failed = True
+                self.store.event("heartbeat.failed", f"could not publish a heartbeat: {e!r}", level="warning")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            await self.heartbeat()
+
+    async def _report_loop(self) -> None:
+        s = self.settings
+        subject = p.monitoring_subject(s.model_kind, s.model_name)
+        last_sent = 0.0
+        was_busy = False
+        while True:
+            await self.refresh_depth()
+            busy = self.depth > 0 or self.state.active > 0
+            interval = s.report_interval_busy if busy else s.report_interval_idle
+            now = time.monotonic()
+            # report at the busy cadence, at the idle cadence, and at once when the queue empties
+            if now - last_sent >= interval or (was_busy and not busy):
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(subject, p.dumps(self.report()))
+                last_sent = now
+            was_busy = busy
+            await asyncio.sleep(min(s.report_interval_busy, 1.0))
+
+    async def _on_health(self, msg: Msg) -> None:
+        if msg.reply:
+            await msg.respond(p.dumps(self.health()))
+
+    async def _on_peer(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            body = p.Health.model_validate_json(msg.data)
+            if body.status == "stopping":
+                self.peers.pop(body.worker_id, None)
+            else:
+                self.peers[body.worker_id] = time.monotonic()
+
+
+def _public_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        import socket
+
+        return socket.gethostname()
+    return host
