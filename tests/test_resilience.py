@@ -93,7 +93,7 @@ async def test_dead_letter_is_answered_logged_and_removed(nats_server, nc, tmp_p
     durable = await ensure_consumer(js, settings)
     store = Store(settings.log_path)
     await store.open()
-    dead = DeadLetters(nc, js, settings, store)
+    dead = DeadLetters(nc, js, settings, store, lambda row: store.request(**row))
     await dead.start()
     inbox = nc.new_inbox()
     caller = await nc.subscribe(inbox)
