@@ -60,6 +60,37 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
+async def transport_floor(url: str, n: int = 100) -> dict[str, float]:
+    """What NATS alone costs on this machine: a core request/reply round trip and a JetStream PubAck.
+
+    The fleet path needs both (caller -> ingress -> PubAck, then delivery and the reply), so this
+    is the floor under the fleet's added latency.
+    """
+    responder = await nats.connect(url)
+    client = await nats.connect(url)
+
+    async def echo(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(msg.data)
+
+    await responder.subscribe("bench.echo", cb=echo)
+    await responder.flush()
+    js = client.jetstream()
+    await js.add_stream(name="BENCH_FLOOR", subjects=["bench.floor"])
+    rtt, puback = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await client.request("bench.echo", b"x" * 128, timeout=5)
+        rtt.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        await js.publish("bench.floor", b"x" * 128)
+        puback.append((time.perf_counter() - t0) * 1000)
+        await asyncio.sleep(0.02)
+    await js.delete_stream("BENCH_FLOOR")
+    await client.close()
+    await responder.close()
+    return {"rtt": statistics.median(rtt), "puback": statistics.median(puback)}
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40)
@@ -110,6 +141,7 @@ async def main() -> None:
                 assert out["tokens_out"] > 0, out
                 engine_ms.append(out["duration_ms"])
 
+            floor = await transport_floor(url)
             # warm both paths (page cache, prompt cache) before measuring
             await run_batch(direct, items[:4], args.concurrency)
             await run_batch(fleet, items[:4], args.concurrency)
@@ -145,7 +177,10 @@ async def main() -> None:
         add95 = (pct(f_lat, 95) - pct(d_lat, 95)) * 1000
         print(f"{label:<16}{d_rps:>13.2f}{f_rps:>13.2f}{f_rps / d_rps:>8.3f}{add50:>14.1f}{add95:>14.1f}"
               f"{statistics.median(overhead):>17.1f}")
-    print("\nratio = fleet/direct throughput; added = fleet minus direct latency percentiles; "
+    print(f"\nNATS floor on this machine (same run): core request/reply p50 {floor['rtt']:.2f} ms, "
+          f"JetStream PubAck p50 {floor['puback']:.2f} ms; the fleet path needs both "
+          f"(≈{floor['rtt'] + floor['puback']:.2f} ms) before any work of ours.")
+    print("ratio = fleet/direct throughput; added = fleet minus direct latency percentiles; "
           "overhead = caller's latency minus the worker's own engine time (NATS + JetStream + worker).")
 
 
