@@ -45,13 +45,20 @@ class Settings(BaseSettings):
     model_repo: str = ""
     model_file: str = ""
     model_sha256: str = ""
-    model_format: Literal["template", "raw"] = "template"
+    model_format: Literal["template", "chat", "chatml", "harmony", "raw"] = "template"
+    harmony_identity: str = "You are ChatGPT, a large language model trained by OpenAI."
+    harmony_knowledge_cutoff: str = "2024-06"
+    harmony_reasoning: Literal["low", "medium", "high"] = "medium"
     prompt_template: str = ""  # default: data/models/<name>/prompt_template.json in the repo
     pooling: Literal["mean", "cls", "last", "none"] = "mean"
     ctx_size: int = Field(default=2048, ge=64)
     model_threads: int = Field(default=0, ge=0)  # 0: cores / concurrency
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     default_max_tokens: int = Field(default=128, ge=1)
+
+    # HTTP API
+    http_queue_limit: int = Field(default=8, ge=0)  # HTTP requests that may wait for a slot; more get 429
+    log_prompts_http: bool = False  # show prompts and answers in GET /logs
 
     # where
     nats_url: str = "nats://127.0.0.1:4222"

@@ -21,6 +21,7 @@ from .protocol import BadRequest, Params
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
+_GRAMMAR_LOCK = threading.Lock()
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 
 
@@ -88,6 +89,33 @@ class Engine:
     def n_params(self) -> int | None:
         return int(self._contexts[0]._model.n_params()) if self._contexts else None
 
+    def check_grammar(self, text: str) -> str | None:
+        """Compile a GBNF grammar with llama.cpp; the parser's message if it fails, else None."""
+        import os
+        import sys
+        import tempfile
+
+        import llama_cpp
+
+        vocab = self._contexts[0]._model.vocab
+        # llama.cpp's parser prints its reason on the C stderr: catch file descriptor 2 for the call.
+        with _GRAMMAR_LOCK, tempfile.TemporaryFile() as captured:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(captured.fileno(), 2)
+            try:
+                sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            captured.seek(0)
+            log = captured.read().decode(errors="replace")
+        if sampler:
+            llama_cpp.llama_sampler_free(sampler)
+            return None
+        lines = [ln.strip() for ln in log.splitlines() if ln.strip() and "failed to parse grammar" not in ln]
+        return "; ".join(lines[:2])[:300] or "the grammar does not parse (is there a `root` rule?)"
+
     def abort(self) -> None:
         """Stop every running generation within a token (used when a drain runs out of time)."""
         self._abort.set()
@@ -101,15 +129,20 @@ class Engine:
             llm.close()
         self._contexts.clear()
 
-    async def complete(self, prompt: str, params: Params, on_progress: Callable[[], None] | None = None) -> Completion:
+    async def complete(self, prompt: str, params: Params, *, grammar: str | None = None,
+                       on_delta: Callable[[str], None] | None = None,
+                       cancel: threading.Event | None = None) -> Completion:
+        """Generate from `prompt`. `on_delta` gets text pieces as they are produced (called from the
+        generation thread); setting `cancel` stops within a token with finish_reason `cancelled`."""
         llm = await self._free.get()
         try:
-            return await asyncio.to_thread(self._complete, llm, prompt, params, on_progress)
+            return await asyncio.to_thread(self._complete, llm, prompt, params, grammar, on_delta, cancel)
         finally:
             self._free.put_nowait(llm)
 
-    def _complete(self, llm: Llama, prompt: str, p: Params, on_progress: Callable[[], None] | None) -> Completion:
-        from llama_cpp import StoppingCriteriaList
+    def _complete(self, llm: Llama, prompt: str, p: Params, grammar: str | None,
+                  on_delta: Callable[[str], None] | None, cancel: threading.Event | None) -> Completion:
+        from llama_cpp import LlamaGrammar, StoppingCriteriaList, llama_vocab_is_eog
 
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         room = self.ctx_size - len(tokens)
@@ -119,17 +152,16 @@ class Engine:
         max_tokens = min(p.max_tokens or self.default_max_tokens, room)
         t0 = time.perf_counter()
         first: list[float] = []
-        produced = [0]
+        sampled: list[int] = []
+        stop_now = cancel or threading.Event()
 
-        def count(_ids: Any, _logits: Any) -> bool:
+        def watch(ids: Any, _logits: Any) -> bool:
             if not first:
                 first.append(time.perf_counter())
-            produced[0] += 1
-            if on_progress:
-                on_progress()
-            return self._abort.is_set()
+            sampled.append(int(ids[-1]))
+            return stop_now.is_set() or self._abort.is_set()
 
-        out: Any = llm.create_completion(
+        chunks: Any = llm.create_completion(
             tokens,
             max_tokens=max_tokens,
             temperature=p.temperature if p.temperature is not None else 0.8,
@@ -138,16 +170,27 @@ class Engine:
             repeat_penalty=p.repeat_penalty if p.repeat_penalty is not None else 1.0,
             stop=(p.stop if p.stop is not None else []) + self.default_stop,
             seed=p.seed if p.seed is not None else random.getrandbits(31),  # else llama chains seeds
-            stopping_criteria=StoppingCriteriaList([count]),
+            stopping_criteria=StoppingCriteriaList([watch]),
+            grammar=LlamaGrammar.from_string(grammar) if grammar else None,
+            stream=True,  # llama-cpp-python holds back text that could start a stop string
         )
-        choice = out["choices"][0]
-        usage = out["usage"]
-        finish = "length" if choice["finish_reason"] == "length" else "stop"
+        parts: list[str] = []
+        finish = "stop"
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                parts.append(choice["text"])
+                if on_delta:
+                    on_delta(choice["text"])
+            if choice.get("finish_reason"):
+                finish = "length" if choice["finish_reason"] == "length" else "stop"
+        if stop_now.is_set():
+            finish = "cancelled"
+        produced = min(len(sampled), max_tokens)
+        if finish != "length" and sampled and llama_vocab_is_eog(llm._model.vocab, sampled[-1]):
+            produced -= 1  # the end-of-generation token is not part of the answer
         return Completion(
-            text=choice["text"],
-            tokens_in=usage["prompt_tokens"],
-            tokens_out=usage["completion_tokens"],
-            finish_reason=finish,
+            text="".join(parts), tokens_in=len(tokens), tokens_out=produced, finish_reason=finish,
             ttft_ms=(first[0] - t0) * 1000 if first else None,
         )
 

@@ -70,6 +70,11 @@ def monitoring_subject(kind: Kind, model: str) -> str:
     return f"monitoring.{kind}.{token(model)}"
 
 
+def cancel_subject(kind: Kind, model: str) -> str:
+    """Core subject every instance of a model listens on for `{"req_id": ...}` cancellations."""
+    return f"{kind}.cancel.{model}"
+
+
 def service_name(model: str) -> str:
     """ADR-32 service names allow only A-Z a-z 0-9 - _."""
     return token(model)
@@ -165,11 +170,23 @@ class InferenceResponse(_Message):
     text: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
-    finish_reason: Literal["stop", "length", "error"] = "stop"
+    finish_reason: Literal["stop", "length", "error", "cancelled"] = "stop"
     duration_ms: float = 0.0
     queue_ms: float = 0.0
     worker_id: str = ""
+    reasoning: str | None = None  # harmony models: the analysis channel
     error: ErrorBody | None = None
+    done: bool | None = None  # set on the final message of a streamed answer
+
+
+class StreamChunk(_Message):
+    req_id: str
+    index: int
+    delta: str
+
+
+class CancelRequest(_Message):
+    req_id: str
 
 
 class EmbeddingItem(_Message):

@@ -18,12 +18,14 @@ from . import protocol as p
 from .config import Settings
 from .connection import connect
 from .engine import Engine
+from .grammars import GrammarStore
 from .httpapi import build_app, server
 from .metrics import Metrics
 from .modelfile import ModelNotFound, resolve
 from .modelinfo import capabilities, model_info
-from .prompts import Template, TemplateError, format_prompt
+from .prompts import CHATML_STOP, HARMONY_STOP, Harmony, Renderer, Template, TemplateError, chatml, gguf_chat
 from .queue import DeadLetters, Ingress, Replier, ensure_consumer, ensure_stream, reply_targets
+from .runner import DeltaPump, Runner
 from .store import Store
 from .telemetry import Telemetry
 
@@ -54,6 +56,8 @@ class Worker:
         self.js: JetStreamContext | None = None
         self.engine: Engine | None = None
         self.template: Template | None = None
+        self.runner: Runner | None = None
+        self.grammars: GrammarStore | None = None
         self.in_flight: dict[asyncio.Task[None], Msg] = {}
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
         self.total_processed = 0
@@ -140,7 +144,7 @@ class Worker:
             self.engine = Engine(
                 path, kind=s.model_kind, concurrency=s.worker_concurrency, ctx_size=s.ctx_size,
                 threads=s.model_threads, pooling=s.pooling, default_max_tokens=s.default_max_tokens,
-                default_stop=self.template.stop if self.template else [],
+                default_stop=self.template.stop if self.template else _FORMAT_STOPS.get(s.model_format, []),
             )
             _say(f"{s.model_name}: loading {path.name} ({s.worker_concurrency} context(s), ctx {s.ctx_size}) …")
             await self.engine.load()
@@ -154,7 +158,12 @@ class Worker:
                          path=str(path), load_seconds=self.engine.load_seconds)
         self.metrics.load_seconds.labels(s.model_name).set(self.engine.load_seconds)
         self.model_info = model_info(self.engine.metadata, n_params=self.engine.n_params, context_size=s.ctx_size)
-        self.capabilities = capabilities(self.engine.metadata, kind=s.model_kind)
+        formatter = self._formatter()
+        if s.model_kind == "inference":
+            self.grammars = GrammarStore(s.data_dir / "grammars", self.engine.check_grammar)
+        self.runner = Runner(s, self.engine, formatter, self.grammars)
+        self.capabilities = capabilities(self.engine.metadata, kind=s.model_kind, grammars=self.grammars is not None)
+        self.cancel_sub = await self.nc.subscribe(p.cancel_subject(s.model_kind, s.model_name), cb=self._on_cancel)
         self.psub = await self.js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
         self.replier = Replier(self.nc, s)
         self.ingress = Ingress(self.nc, self.js, s, self.record)
@@ -162,6 +171,38 @@ class Worker:
         self.dead_letters = DeadLetters(self.nc, self.js, s, self.store, self.record)
         await self.dead_letters.start()
         await self.nc.flush()
+
+    def _formatter(self) -> Template | Renderer | None:
+        s = self.settings
+        if s.model_kind != "inference" or s.model_format == "raw":
+            return None
+        if s.model_format == "template":
+            return self.template
+        if s.model_format == "chatml":
+            return chatml
+        if s.model_format == "harmony":
+            return Harmony(s.harmony_identity, s.harmony_knowledge_cutoff, s.harmony_reasoning)
+        assert self.engine is not None
+        md = self.engine.metadata
+        template = md.get("tokenizer.chat_template")
+        if not template:
+            raise StartupError(f"MODEL_FORMAT=chat but {s.model_name}'s GGUF has no tokenizer.chat_template; "
+                               "use MODEL_FORMAT=template with a prompt_template.json, or chatml")
+        llm = self.engine._contexts[0]
+        bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="ignore")
+        eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="ignore")
+        return gguf_chat(template, bos, eos)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            req_id = p.CancelRequest.model_validate_json(msg.data).req_id
+        except Exception:
+            return
+        assert self.runner is not None
+        state = self.runner.cancel(req_id)
+        self.store.event("request.cancel", f"cancel {req_id} ({state})", req_id=req_id, state=state)
+        if msg.reply and state == "running":
+            await msg.respond(p.json_bytes({"req_id": req_id, "cancelled": True, "worker_id": self.settings.worker_id}))
 
     async def _start_http(self) -> None:
         addr = self.settings.http_host_port
@@ -251,13 +292,17 @@ class Worker:
                                    "was free; the request was skipped", status=504)
             req = p.parse_request(s.model_kind, msg.data)
             targets.append(req.reply_to)
-            body = await self._run(req, req_id, msg, row)
+            assert self.runner is not None
+            if self.runner.was_cancelled(req_id):
+                raise p.BadRequest("cancelled", "the caller cancelled the request before it ran", status=499)
+            body = await self._run(req, req_id, msg, row, reply_targets(*targets))
         except p.BadRequest as e:
             data, headers = self.replier.error(req_id, e.status, e.type, e.message)
             await self.replier.send(reply_targets(*targets), data, headers, req_id)
             await msg.ack()
-            status = "expired" if e.type == "expired" else "rejected"
-            self.record(dict(row, finish_reason="error", status=status, error=f"{e.status} {e.type}: {e.message}",
+            status = {"expired": "expired", "cancelled": "cancelled"}.get(e.type, "rejected")
+            finish = "cancelled" if status == "cancelled" else "error"
+            self.record(dict(row, finish_reason=finish, status=status, error=f"{e.status} {e.type}: {e.message}",
                              dur_ms=float(p.now_ms() - start)))
             return
         except Exception as e:
@@ -277,39 +322,28 @@ class Worker:
             return
         await self.replier.send(reply_targets(*targets), p.dumps(body), None, req_id)
         await msg.ack()
-        self.record(dict(row, status="ok"))
+        self.record(dict(row, status="cancelled" if row.get("finish_reason") == "cancelled" else "ok"))
 
     async def _run(self, req: p.InferenceRequest | p.EmbeddingRequest, req_id: str, msg: Msg,
-                   row: dict[str, Any]) -> p.InferenceResponse | p.EmbeddingResponse:
-        assert self.engine is not None
-        s = self.settings
+                   row: dict[str, Any], targets: list[str]) -> p.InferenceResponse | p.EmbeddingResponse:
+        """Run on the engine, keeping the JetStream message alive; stream pieces if the caller asked."""
+        assert self.runner is not None
         keepalive = asyncio.create_task(self._keep_alive(msg))
-        t0 = time.perf_counter()
+        pump: DeltaPump | None = None
+        if isinstance(req, p.InferenceRequest) and req.stream:
+            async def publish(index: int, delta: str) -> None:
+                await self.replier.send(targets, p.dumps(p.StreamChunk(req_id=req_id, index=index, delta=delta)))
+
+            pump = DeltaPump(publish)
         try:
-            if isinstance(req, p.InferenceRequest):
-                prompt = format_prompt(req, self.template)
-                row.update(formatted_input=prompt, params_json=req.params.model_dump_json(exclude_none=True),
-                           grammar=req.params.grammar)
-                out = await self.engine.complete(prompt, req.params)
-                dur = (time.perf_counter() - t0) * 1000
-                row.update(response_text=out.text, tokens_in=out.tokens_in, tokens_out=out.tokens_out,
-                           ttft_ms=out.ttft_ms, dur_ms=dur, finish_reason=out.finish_reason)
-                return p.InferenceResponse(
-                    req_id=req_id, model=s.model_name, text=out.text, tokens_in=out.tokens_in,
-                    tokens_out=out.tokens_out, finish_reason=out.finish_reason,  # type: ignore[arg-type]
-                    duration_ms=round(dur, 2), queue_ms=row["queue_ms"], worker_id=s.worker_id,
-                )
-            emb = await self.engine.embed(req.texts())
-            dur = (time.perf_counter() - t0) * 1000
-            row.update(tokens_in=emb.tokens, dur_ms=dur, finish_reason="stop",
-                       response_text=f"{len(emb.vectors)} vector(s) of {len(emb.vectors[0])}")
-            return p.EmbeddingResponse(
-                data=[p.EmbeddingItem(embedding=v, index=i) for i, v in enumerate(emb.vectors)],
-                model=req.model or s.model_name, usage=p.Usage(prompt_tokens=emb.tokens, total_tokens=emb.tokens),
-                req_id=req_id, duration_ms=round(dur, 2), queue_ms=row["queue_ms"], worker_id=s.worker_id,
-            )
+            body = await self.runner.execute(req, req_id, row, on_delta=pump.push if pump else None)
         finally:
             keepalive.cancel()
+            if pump is not None:
+                await pump.close()
+        if pump is not None and isinstance(body, p.InferenceResponse):
+            body.done = True
+        return body
 
     async def _keep_alive(self, msg: Msg) -> None:
         """Tell JetStream the message is still being worked on, well within ack_wait."""
@@ -318,6 +352,9 @@ class Worker:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 await msg.in_progress()
+
+
+_FORMAT_STOPS = {"chatml": CHATML_STOP, "harmony": HARMONY_STOP}
 
 
 def _int(value: str | None, default: int) -> int:
