@@ -1,0 +1,72 @@
+"""`GET /metrics`: fleet gauges in the Prometheus text format, computed from the registry at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .registry import STATUS_ORDER, Registry
+
+LEVELS = ("healthy", "warning", "critical")
+
+
+class FleetCollector(Collector):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        services = self.registry.services()
+        instances = GaugeMetricFamily("fleet_instances", "Worker instances by model and status",
+                                      labels=["model", "status"])
+        pending = GaugeMetricFamily("fleet_queue_pending", "Requests queued or in hand for the model (JetStream)",
+                                    labels=["model"])
+        capacity = GaugeMetricFamily("fleet_queue_capacity", "Queue capacity of the model", labels=["model"])
+        utilization = GaugeMetricFamily("fleet_queue_utilization", "pending / capacity", labels=["model"])
+        level = GaugeMetricFamily("fleet_backpressure_level", "1 for the model's current level", labels=["model",
+                                                                                                         "level"])
+        active = GaugeMetricFamily("fleet_requests_running", "Requests running across instances", labels=["model"])
+        rate = GaugeMetricFamily("fleet_requests_per_second", "Finished requests per second", labels=["model"])
+        processed = GaugeMetricFamily("fleet_requests_processed", "Requests finished by the listed instances",
+                                      labels=["model"])
+        failed = GaugeMetricFamily("fleet_requests_failed", "Requests failed by the listed instances",
+                                   labels=["model"])
+        for s in services:
+            name, qm = s["model_name"], s["queue_metrics"]
+            counts = dict.fromkeys(STATUS_ORDER, 0)
+            for i in s["instances"]:
+                counts[i["status"]] = counts.get(i["status"], 0) + 1
+            for status, n in counts.items():
+                instances.add_metric([name, status], n)
+            pending.add_metric([name], qm["pending_messages"])
+            capacity.add_metric([name], qm["queue_capacity"])
+            utilization.add_metric([name], s["backpressure_status"]["utilization"])
+            for lv in LEVELS:
+                level.add_metric([name, lv], 1 if s["backpressure_status"]["level"] == lv else 0)
+            active.add_metric([name], qm["active_processing"])
+            rate.add_metric([name], s["requests_per_s"])
+            processed.add_metric([name], qm["total_processed"])
+            failed.add_metric([name], qm["total_failed"])
+        yield from (instances, pending, capacity, utilization, level, active, rate, processed, failed)
+
+        stats = self.registry.stats()
+        yield GaugeMetricFamily("fleet_models", "Models known to the monitor", value=stats["models"])
+        yield GaugeMetricFamily("monitor_sse_clients", "Open server-sent-event streams", value=stats["sse_clients"])
+        yield GaugeMetricFamily("monitor_nats_connected", "1 while the monitor is connected to NATS",
+                                value=1 if self.registry.nats_connected else 0)
+        messages = CounterMetricFamily("monitor_messages", "Messages the monitor took in", labels=["kind"])
+        for kind in ("heartbeats", "reports", "health_replies", "invalid", "oversized"):
+            messages.add_metric([kind], stats[kind])
+        yield messages
+        yield CounterMetricFamily("monitor_instances_evicted", "Instances dropped to stay within "
+                                  "MONITOR_MAX_INSTANCES", value=stats["evicted"])
+        yield CounterMetricFamily("monitor_instances_purged", "Offline instances purged after PURGE_AFTER",
+                                  value=stats["purged"])
+
+
+def render_metrics(registry: Registry) -> bytes:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(FleetCollector(registry))
+    return generate_latest(reg)

@@ -1,0 +1,175 @@
+"""The terminal view: a live, htop-like table of the fleet (Rich), read straight from NATS.
+
+`python -m monitor tui` runs full screen until `q`; the sort keys are shown in the footer. `--once` sweeps,
+prints one table and exits. Neither needs the web server: they run the same registry and feed in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .config import MonitorSettings
+from .feed import Feed, NatsUnavailable
+from .registry import STATUS_ORDER, Registry
+
+STATUS_STYLE = {"online": "green", "draining": "cyan", "starting": "cyan", "stale": "yellow", "offline": "red"}
+LEVEL_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
+LEVEL_ORDER = {"healthy": 0, "warning": 1, "critical": 2}
+# key -> (column label, sort key); pressing the same key again reverses the order
+SORTS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
+    "m": ("model", lambda s: s["model_name"]),
+    "s": ("status", lambda s: STATUS_ORDER.get(s["status"], 9)),
+    "i": ("inst", lambda s: s["online_count"]),
+    "d": ("queue", lambda s: s["queue_metrics"]["pending_messages"]),
+    "l": ("level", lambda s: LEVEL_ORDER.get(s["backpressure_status"]["level"], 9)),
+    "r": ("req/s", lambda s: s["requests_per_s"]),
+    "t": ("last seen", lambda s: -s["last_seen"]),
+}
+
+
+def queue_bar(pending: int, capacity: int, level: str, width: int = 16) -> Text:
+    share = min(1.0, pending / capacity) if capacity else 0.0
+    filled = max(1, round(share * width)) if pending else 0
+    bar = Text("█" * filled, style=LEVEL_STYLE.get(level, "white"))
+    bar.append("░" * (width - filled), style="grey35")
+    bar.append(f" {pending}/{capacity}")
+    return bar
+
+
+def ago(t: float | None) -> str:
+    if not t:
+        return "never"
+    return f"{duration(time.time() - t)} ago"
+
+
+def duration(s: float) -> str:
+    s = max(0, int(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def table(services: list[dict[str, Any]], sort: str = "m", reverse: bool = False) -> Table:
+    """The fleet as one row per model (rows are Text, so wire strings never act as Rich markup)."""
+    label, key = SORTS.get(sort, SORTS["m"])
+    t = Table(expand=True, header_style="bold", pad_edge=False, box=None, row_styles=["", "on grey11"])
+    for col in ("model", "kind", "inst", "status", "queue", "level", "req/s", "done", "failed", "last seen", "up"):
+        mark = (" ▲" if reverse else " ▼") if col == label else ""
+        t.add_column(col + mark, no_wrap=col != "model",
+                     justify="right" if col in ("inst", "req/s", "done", "failed") else "left")
+    for s in sorted(services, key=key, reverse=reverse):
+        q, bp = s["queue_metrics"], s["backpressure_status"]
+        t.add_row(
+            Text(s["model_name"], style="bold"), Text(s["kind"]),
+            Text(f"{s['online_count']}/{s['instance_count']}"),
+            Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
+            queue_bar(q["pending_messages"], q["queue_capacity"], bp["level"]),
+            Text(bp["level"], style=LEVEL_STYLE.get(bp["level"], "")),
+            Text(f"{s['requests_per_s']:.2f}"), Text(str(q["total_processed"])), Text(str(q["total_failed"])),
+            Text(ago(s["last_seen"])), Text(duration(s["uptime"])),
+        )
+    return t
+
+
+def screen(registry: Registry, settings: MonitorSettings, sort: str, reverse: bool) -> Group:
+    services = registry.services()
+    live = sum(s["online_count"] for s in services)
+    total = sum(s["instance_count"] for s in services)
+    conn = Text("connected", style="green") if registry.nats_connected else Text("NATS unreachable", style="red")
+    head = Text.assemble(("fleet monitor", "bold"), "  ", settings.nats_url, " ", conn,
+                         f"  ·  {len(services)} models · {live}/{total} instances live · ",
+                         time.strftime("%H:%M:%S"))
+    body: Any = table(services, sort, reverse) if services else Text(
+        "no workers seen yet: start some with `make up` (they appear on their first heartbeat)", style="yellow")
+    keys = "  ".join(f"{k} {label}" for k, (label, _) in SORTS.items())
+    foot = Text(f"sort: {keys}  (again: reverse)   q quit", style="grey62")
+    return Group(head, Text(""), body, Text(""), foot)
+
+
+async def snapshot(settings: MonitorSettings) -> Registry:
+    """Connect, subscribe and sweep once; the registry then holds the fleet as it is."""
+    registry = Registry(settings)
+    feed = Feed(registry, settings)
+    await feed.connect(settings.nats_connect_timeout)
+    try:
+        await feed.start()
+        registry.tick()
+    finally:
+        await feed.close()
+    return registry
+
+
+def once(settings: MonitorSettings, console: Console | None = None) -> int:
+    console = console or (Console() if sys.stdout.isatty() else Console(width=160))
+    try:
+        registry = asyncio.run(snapshot(settings))
+    except NatsUnavailable as e:
+        Console(stderr=True).print(f"error: {e}", markup=False)
+        return 1
+    if registry.models:
+        console.print(table(registry.services()))
+    else:
+        console.print(f"no workers answered at {settings.nats_url}", markup=False)
+    return 0
+
+
+@contextlib.contextmanager
+def _keys(queue: asyncio.Queue[str]) -> Iterator[None]:
+    """Single key presses from a terminal (cbreak mode), restored on the way out."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+    tty.setcbreak(fd)
+    loop.add_reader(fd, lambda: queue.put_nowait(os.read(fd, 1).decode(errors="ignore")))
+    try:
+        yield
+    finally:
+        loop.remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+
+async def live(settings: MonitorSettings, sort: str = "m") -> int:
+    registry = Registry(settings)
+    feed = Feed(registry, settings)
+    try:
+        await feed.connect(settings.nats_connect_timeout)
+    except NatsUnavailable as e:
+        Console(stderr=True).print(f"error: {e}", markup=False)
+        return 1
+    await feed.start()
+    keys: asyncio.Queue[str] = asyncio.Queue()
+    reverse = False
+    try:
+        with _keys(keys), Live(screen(registry, settings, sort, reverse), screen=True, auto_refresh=False) as view:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    key = await asyncio.wait_for(keys.get(), timeout=1.0)
+                    if key in ("q", "Q", "\x1b"):
+                        return 0
+                    if key in SORTS:
+                        reverse = not reverse if key == sort else False
+                        sort = key
+                view.update(screen(registry, settings, sort, reverse), refresh=True)
+    finally:
+        await feed.close()

@@ -1,0 +1,160 @@
+"""The monitor's HTTP side (Starlette): REST, server-sent events, Prometheus gauges and the dashboard.
+
+Read-only by design: no endpoint changes a worker. With MONITOR_TOKEN set, everything but /healthz asks for
+the token, as `Authorization: Bearer <token>` or the cookie the login form sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from .config import MonitorSettings
+from .feed import Feed
+from .metrics import render_metrics
+from .registry import Registry
+
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+COOKIE = "fleet_monitor"
+# Wire strings are only ever set as text by app.js; the policy is a second wall should that ever slip.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+SECURITY = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def create_app(settings: MonitorSettings, registry: Registry | None = None) -> Starlette:
+    """The ASGI app; its lifespan connects to NATS in the background, so the page is up even while NATS is not."""
+    reg = registry or Registry(settings)
+    feed = Feed(reg, settings)
+    session = hmac.new(settings.monitor_token.encode(), b"fleet-monitor-session", hashlib.sha256).hexdigest()
+
+    def authorized(request: Request) -> bool:
+        if not settings.monitor_token:
+            return True
+        bearer = request.headers.get("authorization", "")
+        if bearer.lower().startswith("bearer ") and hmac.compare_digest(bearer[7:].strip().encode(),
+                                                                         settings.monitor_token.encode()):
+            return True
+        return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session.encode())
+
+    def guarded(handler: Handler, page: bool = False) -> Handler:
+        async def guard(request: Request) -> Response:
+            if authorized(request):
+                return await handler(request)
+            if page:
+                return login_page(status=401)
+            return JSONResponse({"error": "this monitor needs its token: send 'Authorization: Bearer <token>'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return guard
+
+    async def dashboard(_: Request) -> Response:
+        return HTMLResponse((STATIC / "index.html").read_bytes(), headers={**SECURITY, "Content-Security-Policy": CSP})
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in ASSETS:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return Response((STATIC / name).read_bytes(), media_type=ASSETS[name], headers=SECURITY)
+
+    async def login(request: Request) -> Response:
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        given = (form.get("token") or [""])[0]
+        if not settings.monitor_token or not hmac.compare_digest(given.encode(), settings.monitor_token.encode()):
+            return login_page(status=401, failed=True)
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(COOKIE, session, httponly=True, samesite="strict", path="/")
+        return resp
+
+    async def services(_: Request) -> Response:
+        return JSONResponse(reg.services(), headers=SECURITY)
+
+    async def service(request: Request) -> Response:
+        model = request.path_params["model"]
+        entry = reg.service(model)
+        if entry is None:
+            known = ", ".join(reg.models) or "none yet"
+            return JSONResponse({"error": f"no model named {model!r} is known; known: {known}"}, status_code=404)
+        return JSONResponse(entry, headers=SECURITY)
+
+    async def events(_: Request) -> Response:
+        return EventSourceResponse(_stream(reg), ping=settings.monitor_sse_ping, send_timeout=10,
+                                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def metrics(_: Request) -> Response:
+        return Response(render_metrics(reg), media_type="text/plain; version=0.0.4")
+
+    async def healthz(_: Request) -> Response:
+        ok = reg.nats_connected
+        body = {"status": "ok" if ok else "degraded", "nats_connected": ok, **reg.stats()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(feed.run(), name="feed")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await feed.close()
+
+    app = Starlette(routes=[
+        Route("/", guarded(dashboard, page=True)),
+        Route("/static/{name}", guarded(asset, page=True)),
+        Route("/login", login, methods=["POST"]),
+        Route("/api/services", guarded(services)),
+        Route("/api/services/{model}", guarded(service)),
+        Route("/api/events", guarded(events)),
+        Route("/metrics", guarded(metrics)),
+        Route("/healthz", healthz),
+    ], lifespan=lifespan)
+    app.state.registry, app.state.feed = reg, feed
+    return app
+
+
+async def _stream(reg: Registry) -> AsyncIterator[dict[str, Any]]:
+    """A snapshot, then every event; the listener goes away with the connection (or when it falls behind)."""
+    lst = reg.listen()
+    try:
+        yield {"event": "snapshot", "data": json.dumps(reg.snapshot()), "retry": 2000}
+        while not lst.dropped:
+            try:
+                event, data = await asyncio.wait_for(lst.queue.get(), timeout=1.0)
+            except TimeoutError:
+                continue
+            yield {"event": event, "data": json.dumps(data)}
+    finally:
+        reg.unlisten(lst)
+
+
+def login_page(status: int = 200, failed: bool = False) -> HTMLResponse:
+    note = '<p class="bad">That token is not right.</p>' if failed else ""
+    html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Fleet monitor: sign in</title>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>
+body{{font:15px system-ui,sans-serif;background:#0f1420;color:#e6e9ef;display:grid;place-items:center;height:100vh;
+margin:0}}form{{background:#171e2e;padding:28px 32px;border-radius:10px;border:1px solid #263048;min-width:300px}}
+h1{{font-size:18px;margin:0 0 14px}}input{{width:100%;box-sizing:border-box;padding:9px;border-radius:6px;
+border:1px solid #33405c;background:#0f1420;color:inherit;margin:6px 0 14px}}button{{padding:8px 16px;
+border-radius:6px;border:0;background:#3b82f6;color:#fff;font-weight:600}}.bad{{color:#f87171}}</style></head>
+<body><form method="post" action="/login"><h1>Fleet monitor</h1>{note}<label for="token">Monitor token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" autofocus>
+<button type="submit">Sign in</button></form></body></html>"""
+    return HTMLResponse(html, status_code=status, headers={**SECURITY, "Content-Security-Policy": LOGIN_CSP})
