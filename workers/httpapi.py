@@ -1,8 +1,11 @@
-"""The worker's HTTP side: `/metrics`, `/healthz`, `/readyz` (the HTTP API issue extends this app)."""
+"""The worker's HTTP app: operations (`/metrics`, `/healthz`, `/readyz`, `/logs`, `/grammars`, cancel)
+plus the OpenAI-compatible routes from `openai_api`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import json
+from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -11,24 +14,117 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .metrics import Metrics
+from . import protocol as p
+from .openai_api import error
+from .openai_api import routes as openai_routes
+from .store import read_recent
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+PROMPT_COLUMNS = ("raw_input", "formatted_input", "response_text")
 
 
-def build_app(metrics: Metrics, status: Callable[[], str]) -> Starlette:
-    async def metrics_endpoint(_: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+def build_app(worker: Worker) -> Starlette:
+    s = worker.settings
+
+    async def metrics(_: Request) -> Response:
+        return Response(worker.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": status()})
+        return JSONResponse({"status": worker.status, "worker_id": s.worker_id})
 
     async def readyz(_: Request) -> Response:
-        current = status()
-        return JSONResponse({"status": current}, status_code=200 if current == "online" else 503)
+        return JSONResponse({"status": worker.status}, status_code=200 if worker.status == "online" else 503)
+
+    async def logs(request: Request) -> Response:
+        try:
+            limit = max(1, min(int(request.query_params.get("limit", "50")), 1000))
+        except ValueError:
+            return error(400, "invalid_request", "limit must be a whole number")
+        if not s.log_path.exists():
+            return JSONResponse({"requests": []})
+        rows = read_recent(s.log_path, "requests", limit)
+        if not s.log_prompts_http:  # prompts and answers may be private: only when the operator says so
+            for row in rows:
+                for col in PROMPT_COLUMNS:
+                    row.pop(col, None)
+        return JSONResponse({"requests": rows, "prompts_included": s.log_prompts_http})
+
+    def grammars_or_404() -> Response | None:
+        if worker.grammars is None:
+            return error(404, "not_found", f"{s.model_name} does not take grammars")
+        return None
+
+    async def list_grammars(_: Request) -> Response:
+        if (missing := grammars_or_404()) is not None:
+            return missing
+        assert worker.grammars is not None
+        return JSONResponse({"grammars": [{"name": n, "source": src} for n, src in worker.grammars.names().items()]})
+
+    async def gbnf_of(request: Request) -> tuple[str | None, str]:
+        raw = (await request.body()).decode(errors="replace")
+        with contextlib.suppress(ValueError):
+            body = json.loads(raw)
+            if isinstance(body, dict):
+                return body.get("name"), str(body.get("gbnf") or body.get("grammar") or "")
+        return None, raw
+
+    async def create_grammar(request: Request) -> Response:
+        if (missing := grammars_or_404()) is not None:
+            return missing
+        assert worker.grammars is not None
+        name, text = await gbnf_of(request)
+        if not name:
+            return error(400, "invalid_request", 'send {"name": "...", "gbnf": "root ::= ..."}')
+        if worker.grammars.get(name) is not None:
+            return error(409, "exists", f"grammar {name} exists; PUT /grammars/{name} replaces it")
+        try:
+            worker.grammars.put(name, text)
+        except p.BadRequest as e:
+            return error(e.status, e.type, e.message)
+        return JSONResponse({"name": name, "gbnf": text}, status_code=201)
+
+    async def one_grammar(request: Request) -> Response:
+        if (missing := grammars_or_404()) is not None:
+            return missing
+        assert worker.grammars is not None
+        name = request.path_params["name"]
+        try:
+            if request.method == "GET":
+                text = worker.grammars.get(name)
+                if text is None:
+                    return error(404, "not_found", f"no grammar named {name}")
+                return JSONResponse({"name": name, "gbnf": text})
+            if request.method == "PUT":
+                _, text = await gbnf_of(request)
+                replaced = worker.grammars.put(name, text)
+                return JSONResponse({"name": name, "gbnf": text}, status_code=200 if replaced else 201)
+            if worker.grammars.delete(name):
+                return Response(status_code=204)
+            return error(404, "not_found", f"no stored grammar named {name}")
+        except p.BadRequest as e:
+            return error(e.status, e.type, e.message)
+
+    async def cancel(request: Request) -> Response:
+        req_id = request.path_params["req_id"]
+        state = worker.runner.cancel(req_id) if worker.runner else "queued"
+        if worker.nc is not None:  # it may be queued or running on another instance
+            await worker.nc.publish(p.cancel_subject(s.model_kind, s.model_name),
+                                    p.dumps(p.CancelRequest(req_id=req_id)))
+        return JSONResponse({"req_id": req_id, "state": state, "cancelled": state == "running"},
+                            status_code=200 if state == "running" else 202)
 
     return Starlette(routes=[
-        Route("/metrics", metrics_endpoint),
+        Route("/metrics", metrics),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/logs", logs),
+        Route("/grammars", list_grammars, methods=["GET"]),
+        Route("/grammars", create_grammar, methods=["POST"]),
+        Route("/grammars/{name}", one_grammar, methods=["GET", "PUT", "DELETE"]),
+        Route("/v1/requests/{req_id}", cancel, methods=["DELETE"]),
+        *openai_routes(worker),
     ])
 
 
@@ -36,8 +132,6 @@ class Server(uvicorn.Server):
     """uvicorn inside the worker's event loop; the worker owns the signals, not uvicorn."""
 
     def capture_signals(self):  # type: ignore[override]
-        import contextlib
-
         return contextlib.nullcontext()
 
 

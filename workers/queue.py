@@ -96,13 +96,15 @@ class Replier:
         self.nc = nc
         self.settings = settings
 
-    def error(self, req_id: str, status: int, type_: str, message: str) -> tuple[bytes, dict[str, str]]:
+    def error(self, req_id: str, status: int, type_: str, message: str,
+              finish_reason: str = "error") -> tuple[bytes, dict[str, str]]:
         err = p.error_body(status, type_, message)
         model, worker = self.settings.model_name, self.settings.worker_id
         if self.settings.model_kind == "embedding":
             body: Any = p.EmbeddingResponse(req_id=req_id, model=model, worker_id=worker, error=err)
         else:
-            body = p.InferenceResponse(req_id=req_id, model=model, worker_id=worker, finish_reason="error", error=err)
+            body = p.InferenceResponse(req_id=req_id, model=model, worker_id=worker, error=err,
+                                       finish_reason=finish_reason)  # type: ignore[arg-type]
         return p.dumps(body), p.error_headers(err)
 
     async def send(self, targets: list[str], data: bytes, headers: dict[str, str] | None = None,

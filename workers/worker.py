@@ -69,11 +69,12 @@ class Worker:
         self.metrics = Metrics(settings.model_name)
         self.telemetry: Telemetry | None = None
         self.http: Any = None
+        self.http_gate: Any = None  # set by the HTTP routes: counts HTTP requests in progress
         self._http_task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> int:
-        return len(self.in_flight)
+        return len(self.in_flight) + (self.http_gate.active if self.http_gate else 0)
 
     def record(self, row: dict[str, Any]) -> None:
         """A finished request: its log row, its metrics, this instance's totals."""
@@ -145,6 +146,7 @@ class Worker:
                 path, kind=s.model_kind, concurrency=s.worker_concurrency, ctx_size=s.ctx_size,
                 threads=s.model_threads, pooling=s.pooling, default_max_tokens=s.default_max_tokens,
                 default_stop=self.template.stop if self.template else _FORMAT_STOPS.get(s.model_format, []),
+                normalize=s.embed_normalize,
             )
             _say(f"{s.model_name}: loading {path.name} ({s.worker_concurrency} context(s), ctx {s.ctx_size}) …")
             await self.engine.load()
@@ -208,7 +210,7 @@ class Worker:
         addr = self.settings.http_host_port
         if addr is None:
             return
-        self.http = server(build_app(self.metrics, lambda: self.status), *addr)
+        self.http = server(build_app(self), *addr)
         self._http_task = asyncio.create_task(self.http.serve(), name="http")
         while not self.http.started:
             if self._http_task.done():
@@ -297,11 +299,11 @@ class Worker:
                 raise p.BadRequest("cancelled", "the caller cancelled the request before it ran", status=499)
             body = await self._run(req, req_id, msg, row, reply_targets(*targets))
         except p.BadRequest as e:
-            data, headers = self.replier.error(req_id, e.status, e.type, e.message)
-            await self.replier.send(reply_targets(*targets), data, headers, req_id)
-            await msg.ack()
             status = {"expired": "expired", "cancelled": "cancelled"}.get(e.type, "rejected")
             finish = "cancelled" if status == "cancelled" else "error"
+            data, headers = self.replier.error(req_id, e.status, e.type, e.message, finish)
+            await self.replier.send(reply_targets(*targets), data, headers, req_id)
+            await msg.ack()
             self.record(dict(row, finish_reason=finish, status=status, error=f"{e.status} {e.type}: {e.message}",
                              dur_ms=float(p.now_ms() - start)))
             return
