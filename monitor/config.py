@@ -23,7 +23,7 @@ class MonitorSettings(BaseSettings):
     monitor_token: str = ""  # when set, the dashboard, /api/* and /metrics require it
 
     # registry
-    purge_after: float = Field(default=3600.0, gt=0)  # seconds an offline instance stays listed
+    purge_after: float = Field(default=3600.0, gt=0)  # seconds after it was last heard that an instance is dropped
     monitor_max_instances: int = Field(default=1000, ge=1)
     monitor_history_len: int = Field(default=120, ge=2)  # samples per model for the sparklines
     monitor_history_interval: float = Field(default=2.0, gt=0)  # seconds between samples

@@ -119,7 +119,7 @@ def once(settings: MonitorSettings, console: Console | None = None) -> int:
     try:
         registry = asyncio.run(snapshot(settings))
     except NatsUnavailable as e:
-        Console(stderr=True).print(f"error: {e}", markup=False)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     if registry.models:
         console.print(table(registry.services()))
@@ -155,7 +155,7 @@ async def live(settings: MonitorSettings, sort: str = "m") -> int:
     try:
         await feed.connect(settings.nats_connect_timeout)
     except NatsUnavailable as e:
-        Console(stderr=True).print(f"error: {e}", markup=False)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     await feed.start()
     keys: asyncio.Queue[str] = asyncio.Queue()

@@ -99,7 +99,7 @@ function card(s) {
   const info = s.model_info || {};
   const facts = [s.kind, info.architecture, params(info), info.quantization,
     info.context_size ? `ctx ${info.context_size}` : null,
-    info.embedding_size ? `dim ${info.embedding_size}` : null].filter(Boolean);
+    s.kind === "embedding" && info.embedding_size ? `dim ${info.embedding_size}` : null].filter(Boolean);
   const hist = s.history || { queue_depth: [], requests_per_s: [] };
   return [
     h("div", { class: "card-head" },

@@ -1,0 +1,155 @@
+"""The monitor against a real nats-server, real workers and a real `python -m monitor` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+from .monitor_support import (
+    SSEReader,
+    fetch,
+    get_json,
+    start_monitor_fixture,  # noqa: F401 - the start_monitor fixture
+    until,
+)
+
+
+def by_name(services: list[dict]) -> dict[str, dict]:
+    return {s["model_name"]: s for s in services}
+
+
+async def test_running_fleet_is_listed_within_two_seconds_of_start(start_worker, start_monitor):
+    # a long heartbeat interval: the monitor must find them by its sweep, not by waiting for a beat
+    a = await start_worker(HEARTBEAT_INTERVAL=60)
+    b = await start_worker(MODEL_NAME="gemma3-embed-v1.5", MODEL_KIND="embedding", HEARTBEAT_INTERVAL=60)
+    m = await start_monitor(wait=False)
+
+    async def both() -> dict[str, dict] | None:
+        try:
+            got = by_name(await get_json(f"{m.url}/api/services"))
+        except (OSError, AssertionError):
+            return None
+        return got if {"gemma3-270m", "gemma3-embed-v1.5"} <= got.keys() else None
+
+    services = await until(both, timeout=10, what="both models in /api/services")
+    elapsed = time.monotonic() - m.spawned_at
+    assert elapsed < 2.0, f"the fleet took {elapsed:.2f} s to show (process start included)"
+    gen, emb = services["gemma3-270m"], services["gemma3-embed-v1.5"]
+    assert gen["status"] == emb["status"] == "online"
+    assert gen["instances"][0]["worker_id"].endswith(f"-{a.proc.pid}")
+    assert emb["instances"][0]["worker_id"].endswith(f"-{b.proc.pid}")
+    assert "text-generation" in gen["capabilities"] and emb["capabilities"] == ["embeddings"]
+    assert gen["model_info"]["quantization"] == "Q4_K_M" and emb["nats_topic"] == "embedding.request.gemma3-embed-v1.5"
+    assert set(gen) >= {"model_name", "status", "capabilities", "model_info", "queue_metrics", "backpressure_status",
+                        "first_seen", "uptime", "instances"}
+    health = await get_json(f"{m.url}/healthz")
+    assert health["heartbeats"] == 0 and health["health_replies"] >= 2, health
+    # the dotted name answers as written and as its subject token; unknown models are a 404
+    for name in ("gemma3-embed-v1.5", "gemma3-embed-v1_5"):
+        assert (await get_json(f"{m.url}/api/services/{name}"))["model_name"] == "gemma3-embed-v1.5"
+    status, _, body = await asyncio.to_thread(fetch, f"{m.url}/api/services/no-such-model")
+    assert status == 404 and b"no-such-model" in body
+
+
+async def test_two_instances_of_one_model_are_one_model_with_two_instances(start_worker, start_monitor):
+    a = await start_worker(WORKER_CONCURRENCY=1)
+    b = await start_worker(WORKER_CONCURRENCY=1)
+    m = await start_monitor()
+    entry = await until(lambda: _instances(m.url, "gemma3-270m", 2), timeout=5, what="two instances")
+    services = await get_json(f"{m.url}/api/services")
+    assert [s["model_name"] for s in services] == ["gemma3-270m"]
+    assert entry["instance_count"] == entry["online_count"] == 2
+    pids = sorted(int(i["worker_id"].rsplit("-", 1)[1]) for i in entry["instances"])
+    assert pids == sorted([a.proc.pid, b.proc.pid])
+
+
+async def _instances(url: str, model: str, n: int) -> dict | None:
+    status, _, body = await asyncio.to_thread(fetch, f"{url}/api/services/{model}")
+    entry = json.loads(body) if status == 200 else None
+    return entry if entry and entry["instance_count"] == n else None
+
+
+async def test_killed_worker_goes_stale_then_offline_on_time_and_the_stream_says_so(start_worker, start_monitor, nc):
+    last_heard: list[float] = []
+
+    async def heard(msg) -> None:
+        last_heard.append(time.monotonic())
+
+    await nc.subscribe("models.gemma3-270m.heartbeat", cb=heard)
+    await nc.subscribe("monitoring.inference.gemma3-270m", cb=heard)
+    w = await start_worker(HEARTBEAT_INTERVAL=1)
+    m = await start_monitor()
+    sse = await asyncio.to_thread(SSEReader, m.url)
+    try:
+        await until(lambda: sse.named("snapshot"), timeout=5, what="the snapshot event")
+        await until(lambda: _instances(m.url, "gemma3-270m", 1), timeout=5, what="the worker")
+        await asyncio.sleep(1.2)  # a beat or so in steady state
+        w.kill()
+        t_kill = time.monotonic()
+        stale = await until(lambda: _change(sse, "stale"), timeout=5, what="a stale status event")
+        offline = await until(lambda: _change(sse, "offline"), timeout=5, what="an offline status event")
+        last = max(t for t in last_heard if t <= t_kill)
+        # stale after 1x the interval (+20% grace), offline after 2x; a tick of slack for the monitor and the reader
+        assert 1.0 <= stale - last <= 1.2 + 0.6, stale - last
+        assert 2.0 <= offline - last <= 2.0 + 0.6, offline - last
+        updates = [d for _, d in sse.named("service") if d["model_name"] == "gemma3-270m"]
+        assert updates[-1]["status"] == "offline" and updates[-1]["instances"][0]["status"] == "offline"
+    finally:
+        sse.close()
+
+
+def _change(sse: SSEReader, to: str) -> float | None:
+    return next((t for t, d in sse.named("status") if d["model_name"] == "gemma3-270m" and d["to"] == to), None)
+
+
+async def test_a_worker_that_stops_cleanly_is_offline_at_once(start_worker, start_monitor):
+    w = await start_worker()  # heartbeat interval 10 s: waiting for 2x would take 20 s
+    m = await start_monitor()
+    sse = await asyncio.to_thread(SSEReader, m.url)
+    try:
+        await until(lambda: _instances(m.url, "gemma3-270m", 1), timeout=5, what="the worker")
+        w.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        offline = await until(lambda: _change(sse, "offline"), timeout=10, what="an offline status event")
+        assert offline - t0 < 5.0
+        assert not any(d["to"] == "stale" for _, d in sse.named("status"))
+        entry = await get_json(f"{m.url}/api/services/gemma3-270m")
+        assert entry["status"] == "offline" and entry["instances"][0]["worker_status"] == "stopping"
+    finally:
+        sse.close()
+
+
+async def test_event_stream_starts_with_a_snapshot_pings_and_forgets_closed_clients(start_monitor):
+    m = await start_monitor(MONITOR_SSE_PING=0.3)
+    sse = await asyncio.to_thread(SSEReader, m.url)
+    await until(lambda: sse.events and sse.comments, timeout=5, what="a snapshot and a keep-alive")
+    assert sse.events[0][1] == "snapshot" and sse.events[0][2]["nats_connected"] is True
+    assert (await get_json(f"{m.url}/healthz"))["sse_clients"] == 1
+    await asyncio.to_thread(sse.close)
+
+    async def gone() -> bool:
+        return (await get_json(f"{m.url}/healthz"))["sse_clients"] == 0
+
+    await until(gone, timeout=5, what="the listener to be removed")
+
+
+async def test_token_guards_dashboard_api_and_metrics(start_monitor):
+    m = await start_monitor(MONITOR_TOKEN="s3cret")
+    for path in ("/api/services", "/api/services/x", "/api/events", "/metrics"):
+        status, headers, _ = await asyncio.to_thread(fetch, m.url + path)
+        assert status == 401 and headers.get("www-authenticate") == "Bearer", path
+    status, _, body = await asyncio.to_thread(fetch, m.url + "/")
+    assert status == 401 and b'name="token"' in body and b"Fleet monitor" in body
+    ok = await get_json(f"{m.url}/api/services", headers={"Authorization": "Bearer s3cret"})
+    assert ok == []
+    status, _, _ = await asyncio.to_thread(fetch, m.url + "/login", "POST", b"token=wrong")
+    assert status == 401
+    status, headers, _ = await asyncio.to_thread(fetch, m.url + "/login", "POST", b"token=s3cret")
+    assert status == 303 and "httponly" in headers["set-cookie"].lower()
+    cookie = headers["set-cookie"].split(";", 1)[0]
+    status, _, body = await asyncio.to_thread(fetch, m.url + "/", headers={"Cookie": cookie})
+    assert status == 200 and b"/static/app.js" in body
+    status, _, _ = await asyncio.to_thread(fetch, m.url + "/healthz")
+    assert status == 200

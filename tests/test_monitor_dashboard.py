@@ -1,0 +1,78 @@
+"""The dashboard in headless Chromium: live cards, a moving queue bar, and wire strings shown as text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from .conftest import send_many
+from .monitor_support import (
+    page_fixture,  # noqa: F401 - the page fixture
+    start_monitor_fixture,  # noqa: F401 - the start_monitor fixture
+)
+
+CARD = 'section.card[data-model="gemma3-270m"]'
+
+
+async def test_dashboard_shows_the_worker_and_its_queue_bar_moves(start_worker, start_monitor, nc, page,
+                                                                   tmp_path: Path):
+    await start_worker(WORKER_CONCURRENCY=1, QUEUE_MAX_PER_MODEL=16)
+    m = await start_monitor()
+    await page.goto(m.url + "/")
+    card = page.locator(CARD)
+    await card.wait_for(timeout=5000)
+    assert await card.locator(".pill").inner_text() == "online"
+    text = await card.inner_text()
+    assert "gemma3" in text and "Q4_K_M" in text and "inference.request.gemma3-270m" in text
+    assert await card.locator(".cap.on").filter(has_text="text-generation").count() == 1
+    assert await page.locator("#conn").inner_text() == "live"
+    await page.screenshot(path=str(tmp_path / "dashboard-idle.png"), full_page=True)
+
+    bar = card.locator(".queue .bar")
+    assert await bar.get_attribute("data-pending") == "0"
+    subs = await send_many(nc, 10, 16, "dash")
+    await page.wait_for_function(
+        f"document.querySelector('{CARD} .queue .bar').dataset.pending >= 5", timeout=8000)
+    busy = int(await bar.get_attribute("data-pending"))
+    width = await card.locator(".queue .fill").evaluate("el => el.getBoundingClientRect().width")
+    assert busy >= 5 and width > 0
+    assert f"{busy} / 16" in await card.locator(".queue-count").inner_text()
+    await page.screenshot(path=str(tmp_path / "dashboard-busy.png"), full_page=True)
+    for s in subs:
+        await s.next_msg(timeout=120)
+    await page.wait_for_function(
+        f"document.querySelector('{CARD} .queue .bar').dataset.pending === '0'", timeout=8000)
+    assert (tmp_path / "dashboard-busy.png").stat().st_size > 10_000
+    assert page.errors == []
+
+
+async def test_forged_heartbeat_with_html_renders_as_text(start_monitor, nc, page, tmp_path: Path):
+    evil = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
+    body = {
+        "model_name": evil, "worker_id": "<b onmouseover=alert(1)>w</b>", "kind": "inference", "status": "online",
+        "capabilities": ["<i>tool-calling</i>"], "endpoint": "<a href='javascript:alert(1)'>x</a>",
+        "nats_topic": "inference.request.</code><script>window.__xss=3</script>", "version": "0",
+        "model_info": {"architecture": "<svg onload=alert(1)>", "quantization": "<u>Q</u>"},
+        "queue_metrics": {"pending_messages": 1, "active_processing": 0, "queue_capacity": 4, "total_processed": 0,
+                          "total_failed": 0, "last_processed_at": None},
+        "backpressure_status": {"level": "healthy", "utilization": 0.25},
+        "started_at": time.time(), "uptime_s": 1.0, "heartbeat_interval_s": 30.0, "seq": 1,
+    }
+    m = await start_monitor()
+    await page.goto(m.url + "/")
+    await page.wait_for_function("document.getElementById('conn').textContent === 'live'", timeout=5000)
+    await nc.publish("models.forged.heartbeat", json.dumps(body).encode())
+    card = page.locator("section.card").first
+    await card.wait_for(timeout=5000)
+    await asyncio.sleep(0.3)
+    text = await card.inner_text()
+    assert evil in text and "<svg onload=alert(1)>" in text and "<i>tool-calling</i>" in text
+    assert "<b onmouseover=alert(1)>w</b>" in text
+    injected = await page.evaluate(
+        "document.querySelectorAll('#grid script, #grid img, #grid svg[onload], #grid i, #grid u, #grid a,"
+        " [onerror], [onmouseover]').length")
+    assert injected == 0
+    assert await page.evaluate("window.__xss") is None
+    await page.screenshot(path=str(tmp_path / "dashboard-forged.png"), full_page=True)

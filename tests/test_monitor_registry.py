@@ -1,0 +1,90 @@
+"""The registry's bookkeeping on its own clock: bounds, purge, status thresholds, rates."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from monitor.config import load_settings
+from monitor.registry import Registry, decode_health
+from workers import protocol as p
+
+
+def health(worker_id: str, model: str = "m", *, interval: float = 1.0, processed: int = 0, status: str = "online",
+           pending: int = 0) -> p.Health:
+    body: dict[str, Any] = {
+        "model_name": model, "worker_id": worker_id, "kind": "inference", "status": status,
+        "capabilities": ["text-generation"], "nats_topic": f"inference.request.{model}", "version": "0",
+        "model_info": {"architecture": "gemma3"},
+        "queue_metrics": {"pending_messages": pending, "active_processing": 0, "queue_capacity": 10,
+                          "total_processed": processed, "total_failed": 0},
+        "backpressure_status": {"level": p.backpressure_level(pending / 10), "utilization": pending / 10},
+        "started_at": 0.0, "uptime_s": 1.0, "heartbeat_interval_s": interval, "seq": 1,
+    }
+    return decode_health(json.dumps(body).encode())  # as workers send it: no endpoint, no last_processed_at
+
+
+def test_memory_stays_bounded_whatever_the_fleet_does():
+    reg = Registry(load_settings(monitor_max_instances=50, monitor_history_len=10, monitor_history_interval=0.1))
+    for i in range(500):
+        reg.observe_health(health(f"w{i}", f"model-{i % 70}"), now=i * 0.01)
+        reg.tick(now=i * 0.01 + 0.1)
+    assert len(reg.instances) == 50 and len(reg.models) <= 50
+    assert reg.counters["evicted"] == 450
+    assert all(len(m.history) <= 10 for m in reg.models.values())
+    assert sum(len(m.workers) for m in reg.models.values()) == 50
+
+
+def test_stale_after_one_interval_offline_after_two_then_purged():
+    reg = Registry(load_settings(purge_after=40))
+    lst = reg.listen()
+    reg.observe_health(health("w1", interval=10), now=0)
+    for t, want in ((11.0, "online"), (12.5, "stale"), (19.9, "stale"), (20.1, "offline"), (39.9, "offline")):
+        reg.tick(now=t)
+        assert reg.instances["w1"].status == want, t
+    reg.tick(now=40.1)
+    assert not reg.instances and not reg.models
+    events = []
+    while not lst.queue.empty():
+        events.append(lst.queue.get_nowait())
+    changes = [(d["from"], d["to"]) for e, d in events if e == "status"]
+    assert changes == [("new", "online"), ("online", "stale"), ("stale", "offline")]
+    assert events[-1][0] == "removed" and events[-1][1]["model_name"] == "m"
+
+
+def test_stopping_is_offline_at_once_and_a_new_heartbeat_revives():
+    reg = Registry(load_settings())
+    reg.observe_health(health("w1", interval=10), now=0)
+    reg.observe_health(health("w1", interval=10, status="stopping"), now=1)
+    assert reg.instances["w1"].status == "offline"
+    reg.observe_health(health("w1", interval=10, status="starting"), now=2)
+    assert reg.service("m")["status"] == "starting"
+
+
+def test_requests_per_second_come_from_processed_deltas():
+    reg = Registry(load_settings())
+    reg.observe_health(health("a", processed=0), now=0)
+    reg.observe_health(health("a", processed=20), now=2)
+    reg.observe_health(health("b", processed=5), now=2)
+    reg.observe_health(health("b", processed=11), now=4)
+    entry = reg.service("m")
+    assert entry["requests_per_s"] == 13.0 and entry["queue_metrics"]["total_processed"] == 31
+
+
+def test_dotted_names_group_as_written_and_answer_to_their_token():
+    reg = Registry(load_settings())
+    reg.observe_health(health("a", "nomic-embed-v1.5"), now=0)
+    reg.observe_health(health("b", "nomic-embed-v1.5"), now=0)
+    assert [s["model_name"] for s in reg.services()] == ["nomic-embed-v1.5"]
+    assert reg.service("nomic-embed-v1_5")["instance_count"] == 2
+
+
+def test_reports_move_the_queue_between_heartbeats():
+    reg = Registry(load_settings())
+    reg.observe_health(health("a", pending=0), now=0)
+    reg.observe_report(p.BackpressureReport(model_name="m", worker_id="a", pending_messages=9, active_processing=1,
+                                            queue_capacity=10, utilization=0.9, status="critical", worker_count=1,
+                                            timestamp=0.0), now=0.5)
+    entry = reg.service("m")
+    assert entry["queue_metrics"]["pending_messages"] == 9
+    assert entry["backpressure_status"] == {"level": "critical", "utilization": 0.9}

@@ -1,0 +1,47 @@
+"""The terminal view: rows in a recording Rich console, and `python -m monitor tui --once`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from rich.console import Console
+
+from monitor import tui
+from monitor.config import load_settings
+from workers import broker
+from workers.config import ROOT
+
+
+async def test_tui_table_shows_a_row_per_model(start_worker, nats_server):
+    await start_worker(WORKER_CONCURRENCY=1, QUEUE_MAX_PER_MODEL=50)
+    await start_worker(MODEL_NAME="gemma3-embed-v1.5", MODEL_KIND="embedding")
+    settings = load_settings(nats_url=nats_server.url)
+    registry = await tui.snapshot(settings)
+    console = Console(record=True, width=200, color_system=None)
+    console.print(tui.screen(registry, settings, sort="m", reverse=False))
+    text = console.export_text()
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("gemma3")}
+    assert set(rows) == {"gemma3-270m", "gemma3-embed-v1.5"}, text
+    assert "inference" in rows["gemma3-270m"] and "online" in rows["gemma3-270m"] and "0/50" in rows["gemma3-270m"]
+    assert "embedding" in rows["gemma3-embed-v1.5"] and "1/1" in rows["gemma3-embed-v1.5"]
+    assert "2 models · 2/2 instances live" in text and "q quit" in text
+
+
+async def test_status_once_prints_the_table_and_exits_0(start_worker, nats_server):
+    await start_worker(WORKER_CONCURRENCY=1)
+    env = {**os.environ, "NATS_URL": nats_server.url}
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "monitor", "tui", "--once"], env=env,
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "model" in out.stdout and "gemma3-270m" in out.stdout and "online" in out.stdout
+
+
+def test_status_once_without_nats_fails_in_one_line():
+    env = {**os.environ, "NATS_URL": f"nats://127.0.0.1:{broker.free_port()}", "NATS_CONNECT_TIMEOUT": "1"}
+    out = subprocess.run([sys.executable, "-m", "monitor", "tui", "--once"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("error: no NATS server answered") and "\n" not in out.stderr.strip()
