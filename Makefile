@@ -9,11 +9,12 @@ FLEET := $(BIN)/python -m workers.fleet
 WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up start stop list-workers logs nats test bench lint $(WORKERS)
+.PHONY: help setup up start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
+	browser test bench lint $(WORKERS)
 
 help: ## this list
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
-	@echo "  make <worker>          shortcut for make start WORKER=<worker>: $(WORKERS)"
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@echo "  make <worker>           shortcut for make start WORKER=<worker>: $(WORKERS)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,7 +44,19 @@ logs: $(STAMP) ## last requests and events of a worker: make logs WORKER=gemma3-
 nats: $(STAMP) ## the embedded nats-server only (JetStream, store in data/nats/)
 	$(FLEET) nats
 
-test: setup ## the test suite (real nats-server, real gemma3-270m)
+monitor-dashboard: $(STAMP) ## the monitor: dashboard, REST and SSE on MONITOR_ADDR (default :8080)
+	$(BIN)/python -m monitor
+
+monitor-cli: $(STAMP) ## the fleet as a live table in the terminal (sort keys shown; q quits)
+	$(BIN)/python -m monitor tui
+
+monitor-status: $(STAMP) ## one snapshot of the fleet as a table, then exit
+	@$(BIN)/python -m monitor tui --once
+
+browser: ## Debian chromium for the dashboard tests (headless, driven by playwright)
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: setup browser ## the test suite (real nats-server, real gemma3-270m, headless chromium)
 	$(BIN)/python -m pytest -q
 
 bench: setup ## fleet over NATS vs direct llama-cpp-python

@@ -90,11 +90,13 @@ def ensure_nats(url: str) -> None:
                   f"JetStream store data/nats/, log {log.relative_to(ROOT)})")
 
 
-def start_background(name: str) -> subprocess.Popen[bytes]:
+def start_background(name: str, argv: list[str] | None = None, env: dict[str, str] | None = None
+                     ) -> subprocess.Popen[bytes]:
     RUN.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "workers", name]
+    argv = argv or [sys.executable, "-m", "workers", name]
     log = open(RUN / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     _record(name, proc.pid, argv)
     return proc
 
@@ -134,9 +136,27 @@ def up(names: list[str], timeout: float) -> int:
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
                 console.print(f"[red]✗[/] {s.model_name}: not online (see {log.relative_to(ROOT)}): "
                               + " / ".join(tail))
+    start_monitor(settings[0].nats_url)
     console.print('\nTry: nats req inference.request.gemma3-270m \'{"input":"What is NATS?"}\'   '
                   "· make logs WORKER=gemma3-270m · make stop")
     return 1 if failed else 0
+
+
+def start_monitor(nats_url: str) -> None:
+    """The monitor (dashboard on MONITOR_ADDR, default :8080) beside the workers, unless one we started runs."""
+    if any(_alive_as(pid, argv) for _, pid, argv in _recorded("monitor")):
+        console.print("monitor: already running")
+        return
+    proc = start_background("monitor", [sys.executable, "-m", "monitor"], env={"NATS_URL": nats_url})
+    time.sleep(1.0)
+    if proc.poll() is None:
+        port = os.environ.get("MONITOR_ADDR", ":8080").rpartition(":")[2]
+        console.print(f"[green]✓[/] monitor: dashboard on http://127.0.0.1:{port}/ (pid {proc.pid}) "
+                      "· make monitor-cli · make monitor-status")
+    else:
+        log = RUN / "monitor.log"
+        console.print(f"[red]✗[/] monitor: exited (see {log.relative_to(ROOT)}): "
+                      + " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:]))
 
 
 def start(name: str) -> int:
@@ -149,7 +169,7 @@ def start(name: str) -> int:
 
 
 def stop(names: list[str]) -> int:
-    targets = names or [*available_workers(), "nats"]
+    targets = names or [*available_workers(), "monitor", "nats"]
     stopped = 0
     for name in targets:
         for f, pid, argv in _recorded(name):
