@@ -1,0 +1,91 @@
+"""nats-embed: embeddings from a model on the fleet.
+
+    nats-embed -input "first text" -input "second"       cat lines.txt | nats-embed -m minilm-l6-v2
+    nats-embed -input "hello" --json                       nats-embed -input a -input b --output vecs.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .client import FleetClient, FleetError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nats-embed", description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("-input", "--input", action="append", help="a text (repeatable); default: one per stdin line")
+    ap.add_argument("-subject", "--subject", help="request subject (default embedding.request.<model>)")
+    ap.add_argument("-m", "--model", default=os.environ.get("NATS_EMBED_MODEL", "gemma3-270m-embed"))
+    ap.add_argument("-url", "--server", "--url", dest="url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    ap.add_argument("-timeout", "--timeout", type=float, default=120.0)
+    ap.add_argument("--json", action="store_true", help="print the full response")
+    ap.add_argument("--output", type=Path, help="write the vectors to FILE.npy or FILE.jsonl")
+    return ap
+
+
+def model_of(args: argparse.Namespace) -> str:
+    if args.subject:
+        prefix = "embedding.request."
+        if not args.subject.startswith(prefix):
+            raise FleetError(f"-subject must start with {prefix}")
+        return args.subject[len(prefix):]
+    return args.model
+
+
+def save(path: Path, texts: list[str], vectors: list[list[float]]) -> None:
+    if path.suffix == ".npy":
+        import numpy as np
+
+        np.save(path, np.asarray(vectors, dtype=np.float32))
+    elif path.suffix == ".jsonl":
+        with path.open("w") as f:
+            for text, vec in zip(texts, vectors, strict=True):
+                f.write(json.dumps({"input": text, "embedding": vec}) + "\n")
+    else:
+        raise FleetError(f"--output must end in .npy or .jsonl, not {path.suffix or 'nothing'}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    texts = args.input or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise FleetError("nothing to embed: give -input TEXT (repeatable) or pipe one text per line")
+    async with FleetClient(args.url) as fleet:
+        reply = await fleet.embed(model_of(args), texts, timeout=args.timeout)
+    vectors = [d["embedding"] for d in sorted(reply["data"], key=lambda d: d["index"])]
+    if args.output:
+        save(args.output, texts, vectors)
+        err.print(f"wrote {len(vectors)} vector(s) of {len(vectors[0])} to {args.output}")
+    if args.json:
+        out.print_json(json.dumps(reply))
+    elif not args.output:
+        for text, vec in zip(texts, vectors, strict=True):
+            norm = math.sqrt(sum(x * x for x in vec))
+            head = ", ".join(f"{x:.4f}" for x in vec[:4])
+            out.print(f"dim={len(vec)} norm={norm:.4f} [{head}, …] {text[:60]!r}", markup=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except FleetError as e:
+        print(f"nats-embed: {e}", file=sys.stderr)  # one line, never wrapped
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

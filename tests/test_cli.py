@@ -1,0 +1,81 @@
+"""nats-chat and nats-embed as a user runs them: subprocesses against a real fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+
+from workers import broker
+
+from .conftest import EMBED_ENV
+
+BIN = __import__("pathlib").Path(sys.executable).parent
+
+
+def run(tool: str, *args: str, url: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / tool), "-url", url, *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+async def cli(tool: str, *args: str, url: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(run, tool, *args, url=url, stdin=stdin)
+
+
+async def test_one_shot_prints_the_answer_and_json_has_tokens(start_worker, nats_server):
+    await start_worker()
+    r = await cli("nats-chat", "-input", "The capital of France is", "--raw", "-max-tokens", "8",
+                  "-temperature", "0", "-v", url=nats_server.url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "8 out" in r.stderr and "tok/s" in r.stderr
+    j = await cli("nats-chat", "--input", "Hi", "--max-tokens", "4", "--json", url=nats_server.url)
+    assert j.returncode == 0 and json.loads(j.stdout)["tokens_out"] == 4
+
+
+async def test_interactive_session_keeps_context_and_quits(start_worker, nats_server):
+    w = await start_worker()
+    script = "My name is Zorblax.\nWhat is my name?\n/quit\n"
+    r = await cli("nats-chat", "-i", "-max-tokens", "12", "-temperature", "0", url=nats_server.url, stdin=script)
+    assert r.returncode == 0, r.stderr
+    await asyncio.sleep(1.0)
+    with sqlite3.connect(w.db) as db:
+        prompts = [row[0] for row in db.execute("SELECT formatted_input FROM requests ORDER BY id")]
+    assert len(prompts) == 2
+    assert "Zorblax" in prompts[1] and prompts[1].count("<start_of_turn>user") == 2  # turn one went along
+
+
+async def test_list_shows_live_models(start_worker, nats_server):
+    await start_worker()
+    r = await cli("nats-chat", "--list", url=nats_server.url)
+    assert r.returncode == 0 and "gemma3-270m" in r.stdout and "online" in r.stdout
+
+
+async def test_nats_embed_three_inputs_and_stdin(start_worker, nats_server, tmp_path):
+    await start_worker(EMBED_ENV)
+    r = await cli("nats-embed", "-input", "one", "-input", "two", "-input", "three", url=nats_server.url)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("dim=640 ") for line in lines)
+    s = await cli("nats-embed", "--output", str(tmp_path / "v.jsonl"), url=nats_server.url, stdin="alpha\nbeta\n")
+    assert s.returncode == 0
+    rows = [json.loads(x) for x in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in rows] == ["alpha", "beta"] and len(rows[0]["embedding"]) == 640
+
+
+async def test_errors_are_one_line_and_non_zero(start_worker, nats_server):
+    dead = f"nats://127.0.0.1:{broker.free_port()}"
+    r = await cli("nats-chat", "-input", "hi", url=dead)
+    assert r.returncode == 2 and "no NATS server" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = await cli("nats-chat", "-input", "hi", "-m", "nobody-here", url=nats_server.url)
+    assert r.returncode == 3 and "make start WORKER=nobody-here" in r.stderr
+    await start_worker(WORKER_CONCURRENCY=1)
+    busy = asyncio.create_task(cli("nats-chat", "-input", "Write a long story.", "-max-tokens", "200",
+                                   "--no-stream", url=nats_server.url))
+    await asyncio.sleep(1.0)
+    r = await cli("nats-chat", "-input", "hi", "-timeout", "1", "--no-stream", url=nats_server.url)
+    assert r.returncode == 4 and "within 1 s" in r.stderr and "queued" in r.stderr, r.stderr
+    bad = await cli("nats-chat", "-input", "hi", "-max-tokens", "-3", url=nats_server.url)
+    assert bad.returncode == 5 and "400" in bad.stderr
+    assert (await busy).returncode == 0
