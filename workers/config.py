@@ -45,12 +45,14 @@ class Settings(BaseSettings):
     model_repo: str = ""
     model_file: str = ""
     model_sha256: str = ""
+    model_source_dir: str = ""  # a Hugging Face BERT folder, converted to MODEL_PATH when that file is missing
     model_format: Literal["template", "chat", "chatml", "harmony", "raw"] = "template"
     harmony_identity: str = "You are ChatGPT, a large language model trained by OpenAI."
     harmony_knowledge_cutoff: str = "2024-06"
     harmony_reasoning: Literal["low", "medium", "high"] = "medium"
     prompt_template: str = ""  # default: data/models/<name>/prompt_template.json in the repo
     pooling: Literal["mean", "cls", "last", "none"] = "mean"
+    embed_normalize: bool = False  # L2-normalise embedding vectors
     ctx_size: int = Field(default=2048, ge=64)
     model_threads: int = Field(default=0, ge=0)  # 0: cores / concurrency
     worker_concurrency: int = Field(default=1, ge=1, le=64)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _GRAMMAR_LOCK = threading.Lock()
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+EMBED_BATCH_TOKENS = 64
 
 
 @dataclass
@@ -44,8 +45,10 @@ class Engine:
     """A pool of llama.cpp contexts for one model."""
 
     def __init__(self, path: Path, *, kind: str, concurrency: int, ctx_size: int, threads: int,
-                 pooling: str = "mean", default_max_tokens: int = 128, default_stop: list[str] | None = None) -> None:
+                 pooling: str = "mean", default_max_tokens: int = 128, default_stop: list[str] | None = None,
+                 normalize: bool = False) -> None:
         self.path = path
+        self.normalize = normalize  # L2-normalise embeddings (sentence-transformers models expect it)
         self.kind = kind
         self.concurrency = concurrency
         self.ctx_size = ctx_size
@@ -202,15 +205,27 @@ class Engine:
             self._free.put_nowait(llm)
 
     def _embed(self, llm: Llama, texts: list[str]) -> Embeddings:
+        # Every text is checked before any work: one too long fails the request, never truncated.
+        # Learned position tables end at the trained context; past it llama.cpp aborts the process.
+        limit = min(self.ctx_size, llm._model.n_ctx_train())
+        counts = [len(llm.tokenize(t.encode(), add_bos=True, special=False)) for t in texts]
+        for i, n in enumerate(counts):
+            if n > limit:
+                raise BadRequest("context_overflow", f"input[{i}] is {n} tokens but this model takes at most "
+                                 f"{limit}; split the text into shorter pieces")
+        # Texts go to llama.cpp in groups of up to EMBED_BATCH_TOKENS tokens: an encoder attends across the
+        # whole batch, so big groups cost more than they save (scripts/bench_embed.py measures it).
+        groups: list[list[str]] = [[]]
+        size = 0
+        for text, n in zip(texts, counts, strict=True):
+            if groups[-1] and size + n > EMBED_BATCH_TOKENS:
+                groups.append([])
+                size = 0
+            groups[-1].append(text)
+            size += n
         vectors: list[list[float]] = []
-        total = 0
-        for i, text in enumerate(texts):
+        for group in groups:
             if self._abort.is_set():
                 raise RuntimeError("aborted")
-            n = len(llm.tokenize(text.encode(), add_bos=True, special=False))
-            if n > self.ctx_size:
-                raise BadRequest("context_overflow", f"input[{i}] is {n} tokens but the context holds "
-                                 f"{self.ctx_size}; split the text or raise CTX_SIZE")
-            vectors.append(list(llm.embed(text)))  # type: ignore[arg-type]
-            total += n
-        return Embeddings(vectors=vectors, tokens=total)
+            vectors.extend(llm.embed(group, normalize=self.normalize, truncate=False))  # type: ignore[arg-type]
+        return Embeddings(vectors=vectors, tokens=sum(counts))

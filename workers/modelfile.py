@@ -1,7 +1,8 @@
 """Find the GGUF file a worker serves (DESIGN §8).
 
-Order: the file at MODEL_PATH; a model shipped in an installed Python package
-(MODEL_PACKAGE); a Hugging Face download (MODEL_REPO + MODEL_FILE) into
+Order: the file at MODEL_PATH; a Hugging Face BERT folder (MODEL_SOURCE_DIR) converted to GGUF;
+a model shipped in an installed Python package (MODEL_PACKAGE: a GGUF, chunks it assembles, or a
+BERT folder converted to GGUF); a Hugging Face download (MODEL_REPO + MODEL_FILE) into
 data/models/<name>/ with a progress bar; otherwise one paragraph saying what to do.
 """
 
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rich.console import Console
@@ -34,6 +38,9 @@ def resolve(settings: Settings) -> Path:
     target = model_path(settings)
     if target is not None and target.is_file():
         return target
+    if settings.model_source_dir:
+        source = Path(settings.model_source_dir).expanduser()
+        return from_folder(settings, source if source.is_absolute() else ROOT / source, target)
     if settings.model_package:
         found = from_package(settings, target)
         if found is not None:
@@ -68,6 +75,9 @@ def from_package(settings: Settings, target: Path | None) -> Path | None:
         return target
     assemble = getattr(mod, "assemble", None)
     if assemble is None:
+        folder = Path(getattr(mod, "MODEL_DIR", None) or Path(mod.__file__ or "").resolve().parent / "model")
+        if (folder / "config.json").is_file():  # a Hugging Face model folder, not a GGUF
+            return from_folder(settings, folder, target)
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")  # two workers may race here
@@ -75,6 +85,34 @@ def from_package(settings: Settings, target: Path | None) -> Path | None:
     assemble(partial, overwrite=True)  # the package verifies its own sha256
     partial.replace(target)
     return target
+
+
+def from_folder(settings: Settings, source: Path, target: Path | None) -> Path:
+    """Convert a Hugging Face / sentence-transformers BERT folder into a GGUF at `target` (once)."""
+    target = target or settings.models_dir / "model.gguf"
+    if target.is_file():
+        return target
+    converter = bert_converter()
+
+    def say(line: str) -> None:
+        _console.print(f"{settings.model_name}: {line}", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        return converter.convert(source, target, name=settings.model_name, log=say)
+    except converter.UnsupportedModel as e:
+        raise ModelNotFound(_advice(settings, f"Cannot convert {source}: {e}")) from None
+
+
+def bert_converter() -> ModuleType:
+    """scripts/convert_bert_to_gguf.py, which is both this module's converter and a command-line tool."""
+    name = "convert_bert_to_gguf"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def from_hub(settings: Settings, target: Path | None) -> Path:
