@@ -46,7 +46,8 @@ class FleetCollector(Collector):
             for lv in LEVELS:
                 level.add_metric([name, lv], 1 if s["backpressure_status"]["level"] == lv else 0)
             active.add_metric([name], qm["active_processing"])
-            rate.add_metric([name], s["requests_per_s"])
+            if s["requests_per_s"] is not None:
+                rate.add_metric([name], s["requests_per_s"])
             processed.add_metric([name], qm["total_processed"])
             failed.add_metric([name], qm["total_failed"])
         yield from (instances, pending, capacity, utilization, level, active, rate, processed, failed)

@@ -50,7 +50,7 @@ class Instance:
     capacity: int
     level: str
     data_at: float  # monotonic time of those numbers
-    rps: float = 0.0
+    rps: float | None = None  # unknown until two bodies at least a second apart
     rate_mark: tuple[float, int] | None = None  # (monotonic, total_processed) the rate is measured from
 
 
@@ -138,7 +138,7 @@ class Registry:
             wall = time.time()
             for m in self.models.values():
                 agg = self._aggregate(m)
-                m.history.append((wall, agg["pending"], agg["rps"]))
+                m.history.append((wall, agg["pending"], agg["rps"] or 0.0))
                 self._dirty.add(m.name)
         for name in self._dirty:
             if name in self.models:
@@ -195,8 +195,8 @@ class Registry:
     def _measure_rate(self, inst: Instance, now: float) -> None:
         total = inst.health.queue_metrics.total_processed
         mark = inst.rate_mark
-        if mark is None or total < mark[1]:
-            inst.rate_mark, inst.rps = (now, total), 0.0
+        if mark is None or total < mark[1]:  # first sight, or the worker restarted under the same id
+            inst.rate_mark, inst.rps = (now, total), None
         elif now - mark[0] >= 1.0:  # heartbeats sent on a status change may come close together
             inst.rps = round((total - mark[1]) / (now - mark[0]), 3)
             inst.rate_mark = (now, total)
@@ -241,8 +241,9 @@ class Registry:
         insts = [self.instances[w] for w in m.workers]
         live = [i for i in insts if i.status in LIVE] or insts
         freshest = max(live, key=lambda i: i.data_at)
+        rates = [i.rps for i in insts if i.status in LIVE and i.rps is not None]
         return {"insts": insts, "live": [i for i in insts if i.status in LIVE], "freshest": freshest,
-                "pending": freshest.pending, "rps": round(sum(i.rps for i in live if i.status in LIVE), 3)}
+                "pending": freshest.pending, "rps": round(sum(rates), 3) if rates else None}
 
     def _entry(self, m: Model) -> dict[str, Any]:
         agg = self._aggregate(m)

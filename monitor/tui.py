@@ -33,7 +33,7 @@ SORTS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
     "i": ("inst", lambda s: s["online_count"]),
     "d": ("queue", lambda s: s["queue_metrics"]["pending_messages"]),
     "l": ("level", lambda s: LEVEL_ORDER.get(s["backpressure_status"]["level"], 9)),
-    "r": ("req/s", lambda s: s["requests_per_s"]),
+    "r": ("req/s", lambda s: s["requests_per_s"] or 0.0),
     "t": ("last seen", lambda s: -s["last_seen"]),
 }
 
@@ -80,7 +80,8 @@ def table(services: list[dict[str, Any]], sort: str = "m", reverse: bool = False
             Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
             queue_bar(q["pending_messages"], q["queue_capacity"], bp["level"]),
             Text(bp["level"], style=LEVEL_STYLE.get(bp["level"], "")),
-            Text(f"{s['requests_per_s']:.2f}"), Text(str(q["total_processed"])), Text(str(q["total_failed"])),
+            Text("–" if s["requests_per_s"] is None else f"{s['requests_per_s']:.2f}"),
+            Text(str(q["total_processed"])), Text(str(q["total_failed"])),
             Text(ago(s["last_seen"])), Text(duration(s["uptime"])),
         )
     return t

@@ -47,11 +47,10 @@ function params(info) {
   return n >= 1e9 ? `${(n / 1e9).toFixed(1)}B` : `${Math.round(n / 1e6)}M`;
 }
 
-function sparkline(values, label, unit) {
+function sparkline(values, label, current) {
   const w = 150, hgt = 34;
   const box = h("div", { class: "spark" });
-  const last = values.length ? values[values.length - 1] : null;
-  box.append(h("div", { class: "spark-label" }, label, h("b", {}, last === null ? "–" : `${num(last)}${unit}`)));
+  box.append(h("div", { class: "spark-label" }, label, h("b", {}, num(current))));
   const pic = svg("svg", { viewBox: `0 0 ${w} ${hgt}`, preserveAspectRatio: "none", class: "spark-svg" });
   if (values.length > 1) {
     const max = Math.max(...values, 1e-9);
@@ -109,8 +108,8 @@ function card(s) {
     capabilityMatrix(s.capabilities || []),
     queueBar(s),
     h("div", { class: "sparks" },
-      sparkline(hist.requests_per_s, "req/s ", ""),
-      sparkline(hist.queue_depth, "queue ", "")),
+      sparkline(hist.requests_per_s, "req/s", s.requests_per_s),
+      sparkline(hist.queue_depth, "queue", s.queue_metrics.pending_messages)),
     h("div", { class: "where" },
       h("div", {}, h("span", { class: "k" }, "NATS"), h("code", {}, s.nats_topic || "–")),
       h("div", {}, h("span", { class: "k" }, "HTTP"), h("code", {}, s.endpoint || "–"))),
