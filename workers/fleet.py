@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("nats", help="start the embedded nats-server unless one answers at NATS_URL")
     u = sub.add_parser("up", help="NATS + the default workers, in the background")
-    u.add_argument("names", nargs="*", default=["gemma3-270m", "gemma3-270m-embed"])
+    u.add_argument("names", nargs="*", default=["gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"])
     u.add_argument("--timeout", type=float, default=300.0)
     st = sub.add_parser("start", help="one worker in the foreground")
     st.add_argument("name")
