@@ -64,10 +64,10 @@ def duration(s: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def table(services: list[dict[str, Any]], sort: str = "m", reverse: bool = False) -> Table:
+def table(services: list[dict[str, Any]], sort: str = "m", reverse: bool = False, expand: bool = True) -> Table:
     """The fleet as one row per model (rows are Text, so wire strings never act as Rich markup)."""
     label, key = SORTS.get(sort, SORTS["m"])
-    t = Table(expand=True, header_style="bold", pad_edge=False, box=None, row_styles=["", "on grey11"])
+    t = Table(expand=expand, header_style="bold", pad_edge=False, box=None, row_styles=["", "on grey11"])
     for col in ("model", "kind", "inst", "status", "queue", "level", "req/s", "done", "failed", "last seen", "up"):
         mark = (" ▲" if reverse else " ▼") if col == label else ""
         t.add_column(col + mark, no_wrap=col != "model",
@@ -123,7 +123,7 @@ def once(settings: MonitorSettings, console: Console | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if registry.models:
-        console.print(table(registry.services()))
+        console.print(table(registry.services(), expand=False))
     else:
         console.print(f"no workers answered at {settings.nats_url}", markup=False)
     return 0
