@@ -164,7 +164,7 @@ class Feed:
             self.registry.counters["invalid"] += 1
             return
         self.registry.counters["heartbeats" if source == "heartbeat" else "health_replies"] += 1
-        self.registry.observe_health(health, source)
+        self.registry.observe_health(health)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         self._observe_health(msg.data, "heartbeat")

@@ -85,7 +85,7 @@ class Registry:
 
     # --- input ------------------------------------------------------------------------------
 
-    def observe_health(self, h: p.Health, source: str = "heartbeat", now: float | None = None) -> None:
+    def observe_health(self, h: p.Health, now: float | None = None) -> None:
         """A heartbeat or a health reply: create or refresh the instance."""
         now = time.monotonic() if now is None else now
         wall = time.time()
@@ -140,7 +140,7 @@ class Registry:
                 agg = self._aggregate(m)
                 m.history.append((wall, agg["pending"], agg["rps"] or 0.0))
                 self._dirty.add(m.name)
-        for name in self._dirty:
+        for name in self._dirty if self.listeners else ():  # entries are built only for someone to read
             if name in self.models:
                 self._emit("service", self.service(name) or {})
         self._dirty.clear()

@@ -78,16 +78,19 @@ async def start_monitor_fixture(nats_server: Any, tmp_path: Path) -> AsyncIterat
 
 
 async def wait_http(m: MonitorProc, timeout: float = 15) -> None:
+    """Until the monitor serves and is connected to NATS (/healthz 200)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if m.proc.poll() is not None:
             raise AssertionError(f"monitor exited with {m.proc.returncode}:\n{m.output()}")
         try:
-            with socket.create_connection(("127.0.0.1", m.port), timeout=0.2):
+            status, _, _ = await asyncio.to_thread(fetch, f"{m.url}/healthz")
+            if status == 200:
                 return
         except OSError:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"monitor not listening after {timeout} s:\n{m.output()}")
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"monitor not up and connected after {timeout} s:\n{m.output()}")
 
 
 def fetch(url: str, method: str = "GET", data: bytes | None = None,
