@@ -89,8 +89,8 @@ async def test_killed_worker_goes_stale_then_offline_on_time_and_the_stream_says
         await asyncio.sleep(1.2)  # a beat or so in steady state
         w.kill()
         t_kill = time.monotonic()
-        stale = await until(lambda: _change(sse, "stale"), timeout=5, what="a stale status event")
-        offline = await until(lambda: _change(sse, "offline"), timeout=5, what="an offline status event")
+        stale = await until(lambda: _change(sse, "stale", t_kill), timeout=5, what="a stale status event")
+        offline = await until(lambda: _change(sse, "offline", t_kill), timeout=5, what="an offline status event")
         last = max(t for t in last_heard if t <= t_kill)
         # stale after 1x the interval (+20% grace), offline after 2x; a tick of slack for the monitor and the reader
         assert 1.0 <= stale - last <= 1.2 + 0.6, stale - last
@@ -101,8 +101,9 @@ async def test_killed_worker_goes_stale_then_offline_on_time_and_the_stream_says
         sse.close()
 
 
-def _change(sse: SSEReader, to: str) -> float | None:
-    return next((t for t, d in sse.named("status") if d["model_name"] == "gemma3-270m" and d["to"] == to), None)
+def _change(sse: SSEReader, to: str, after: float = 0.0) -> float | None:
+    return next((t for t, d in sse.named("status")
+                 if t > after and d["model_name"] == "gemma3-270m" and d["to"] == to), None)
 
 
 async def test_a_worker_that_stops_cleanly_is_offline_at_once(start_worker, start_monitor):
