@@ -218,7 +218,7 @@ class QueueMetrics(_Message):
     queue_capacity: int
     total_processed: int
     total_failed: int
-    last_processed_at: float | None  # epoch seconds of the last finished request; None if none yet
+    last_processed_at: float | None = None  # epoch seconds of the last finished request; None if none yet
 
 
 class Backpressure(_Message):
@@ -234,7 +234,7 @@ class Health(_Message):
     kind: Kind
     status: Literal["starting", "online", "draining", "stopping"]
     capabilities: list[str]
-    endpoint: str | None
+    endpoint: str | None = None
     nats_topic: str
     version: str
     model_info: dict[str, Any]
