@@ -36,8 +36,10 @@ async def test_dashboard_shows_the_worker_and_its_queue_bar_moves(start_worker, 
     await page.wait_for_function(
         f"document.querySelector('{CARD} .queue .bar').dataset.pending >= 5", timeout=8000)
     busy = int(await bar.get_attribute("data-pending"))
-    width = await card.locator(".queue .fill").evaluate("el => el.getBoundingClientRect().width")
-    assert busy >= 5 and width > 0
+    # the fill animates its width (CSS transition), so wait for it rather than reading it at once
+    await page.wait_for_function(
+        f"document.querySelector('{CARD} .queue .fill').getBoundingClientRect().width > 0", timeout=5000)
+    assert busy >= 5
     assert f"{busy} / 16" in await card.locator(".queue-count").inner_text()
     await page.screenshot(path=str(tmp_path / "dashboard-busy.png"), full_page=True)
     for s in subs:
