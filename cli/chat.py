@@ -20,7 +20,7 @@ from rich.table import Table
 
 from workers import protocol as p
 
-from .client import FleetClient, FleetError
+from .client import FleetClient, FleetError, model_from_subject, run_cli
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -49,12 +49,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_of(args: argparse.Namespace) -> str:
-    if args.subject:
-        prefix = "inference.request."
-        if not args.subject.startswith(prefix):
-            raise FleetError(f"-subject must start with {prefix}")
-        return args.subject[len(prefix):]
-    return args.model
+    return model_from_subject(args.subject, "inference", args.model)
 
 
 def params_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,14 +179,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except FleetError as e:
-        print(f"nats-chat: {e}", file=sys.stderr)  # one line, never wrapped
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return run_cli("nats-chat", run(parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

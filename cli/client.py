@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import nats
@@ -169,3 +170,24 @@ def _no_worker(subject: str, model: str) -> str:
 
 async def _quiet(_: Exception) -> None:
     pass
+
+
+def model_from_subject(subject: str | None, kind: p.Kind, default: str) -> str:
+    """`-subject inference.request.X` → X (the Go tool's flag); no subject → the -m default."""
+    if not subject:
+        return default
+    prefix = f"{kind}.request."
+    if not subject.startswith(prefix):
+        raise FleetError(f"-subject must start with {prefix}")
+    return subject[len(prefix):]
+
+
+def run_cli(prog: str, coro: Coroutine[Any, Any, int]) -> int:
+    """Run a CLI's coroutine; a FleetError becomes one unwrapped stderr line and its exit code."""
+    try:
+        return asyncio.run(coro)
+    except FleetError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130

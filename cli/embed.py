@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .client import FleetClient, FleetError
+from .client import FleetClient, FleetError, model_from_subject, run_cli
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -35,12 +34,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def model_of(args: argparse.Namespace) -> str:
-    if args.subject:
-        prefix = "embedding.request."
-        if not args.subject.startswith(prefix):
-            raise FleetError(f"-subject must start with {prefix}")
-        return args.subject[len(prefix):]
-    return args.model
+    return model_from_subject(args.subject, "embedding", args.model)
 
 
 def save(path: Path, texts: list[str], vectors: list[list[float]]) -> None:
@@ -77,14 +71,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except FleetError as e:
-        print(f"nats-embed: {e}", file=sys.stderr)  # one line, never wrapped
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return run_cli("nats-embed", run(parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

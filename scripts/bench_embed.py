@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import nats  # noqa: E402
 
-from workers import broker  # noqa: E402
+from scripts.benchlib import local_worker  # noqa: E402
 from workers.config import load_settings  # noqa: E402
 from workers.engine import POOLING, Engine  # noqa: E402
 from workers.modelfile import resolve  # noqa: E402
@@ -114,50 +111,26 @@ async def fleet_vs_direct(model: Path, n: int) -> None:
         out = await engine.embed(batch)
         assert len(out.vectors) == len(batch)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        port = broker.free_port()
-        server = broker.start(port, Path(tmp) / "js")
-        url = f"nats://127.0.0.1:{port}"
-        env = dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), MODEL_PATH=str(model), HTTP_ADDR="")
-        worker = subprocess.Popen([sys.executable, "-m", "workers", NAME], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        nc = await nats.connect(url)
-        try:
-            while True:
-                try:
-                    health = await nc.request(f"models.{NAME}.health", b"", timeout=1)
-                    if json.loads(health.data)["status"] == "online":
-                        break
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    if worker.poll() is not None:
-                        raise SystemExit(f"worker exited: {worker.stderr.read().decode()}") from None  # type: ignore[union-attr]
-                    await asyncio.sleep(0.2)
+    async with local_worker(NAME, MODEL_PATH=str(model)) as (nc, url):
+        async def fleet(batch: list[str]) -> None:
+            msg = await nc.request(SUBJECT, json.dumps({"input": batch}).encode(), timeout=300)
+            out = json.loads(msg.data)
+            assert len(out.get("data", [])) == len(batch), out
 
-            async def fleet(batch: list[str]) -> None:
-                msg = await nc.request(SUBJECT, json.dumps({"input": batch}).encode(), timeout=300)
-                out = json.loads(msg.data)
-                assert len(out.get("data", [])) == len(batch), out
-
-            singles = [[t] for t in items]
-            fifties = [items[i : i + 50] for i in range(0, n, 50)]
-            await run(direct, singles[:16], 8)  # warm both paths
-            await run(fleet, singles[:16], 8)
-            rows = []
-            for label, batches, conc in (("1 text/request, 8 in flight", singles, 8),
-                                         ("50 texts/request", fifties, 8)):
-                # ABBA order so drift in the machine's load does not favour either side
-                half = len(batches) // 2
-                d = await run(direct, batches[:half], conc)
-                f = await run(fleet, batches[:half], conc)
-                f += await run(fleet, batches[half:], conc)
-                d += await run(direct, batches[half:], conc)
-                rows.append((label, n / d, n / f))
-        finally:
-            await nc.close()
-            worker.terminate()
-            worker.wait(60)
-            server.terminate()
-            server.wait(10)
+        singles = [[t] for t in items]
+        fifties = [items[i : i + 50] for i in range(0, n, 50)]
+        await run(direct, singles[:16], 8)  # warm both paths
+        await run(fleet, singles[:16], 8)
+        rows = []
+        for label, batches, conc in (("1 text/request, 8 in flight", singles, 8),
+                                     ("50 texts/request", fifties, 8)):
+            # ABBA order so drift in the machine's load does not favour either side
+            half = len(batches) // 2
+            d = await run(direct, batches[:half], conc)
+            f = await run(fleet, batches[:half], conc)
+            f += await run(fleet, batches[half:], conc)
+            d += await run(direct, batches[half:], conc)
+            rows.append((label, n / d, n / f))
     engine.close()
     print(f"\nPart 2: {n} texts, {NAME} worker ({settings.worker_concurrency} context(s) × "
           f"{settings.model_threads} thread(s), EMBED_NORMALIZE={int(settings.embed_normalize)}) "

@@ -15,9 +15,7 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import nats  # noqa: E402
 
-from workers import broker  # noqa: E402
+from scripts.benchlib import local_worker  # noqa: E402
 from workers.config import load_settings  # noqa: E402
 from workers.engine import Engine  # noqa: E402
 from workers.modelfile import resolve  # noqa: E402
@@ -113,59 +111,36 @@ async def main() -> None:
         out = await engine.complete(format_prompt(InferenceRequest(input=text), template), params)
         assert out.tokens_out > 0
 
-    with tempfile.TemporaryDirectory() as tmp:
-        port = broker.free_port()
-        server = broker.start(port, Path(tmp) / "js")
-        url = f"nats://127.0.0.1:{port}"
-        env = dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), MODEL_PATH=str(model),
-                   WORKER_CONCURRENCY=str(args.concurrency), MODEL_THREADS=str(threads), HTTP_ADDR="")
-        worker = subprocess.Popen([sys.executable, "-m", "workers", "gemma3-270m"], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        nc = await nats.connect(url)
-        try:
-            while True:
-                try:
-                    health = await nc.request("models.gemma3-270m.health", b"", timeout=1)
-                    if json.loads(health.data)["status"] == "online":
-                        break
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    if worker.poll() is not None:
-                        raise SystemExit(f"worker exited: {worker.stderr.read().decode()}") from None
-                    await asyncio.sleep(0.2)
-            engine_ms: list[float] = []
+    async with local_worker("gemma3-270m", MODEL_PATH=str(model), WORKER_CONCURRENCY=str(args.concurrency),
+                            MODEL_THREADS=str(threads)) as (nc, url):
+        engine_ms: list[float] = []
 
-            async def fleet(text: str) -> None:
-                body = json.dumps({"input": text, "params": {"max_tokens": args.tokens, "temperature": 0}})
-                msg = await nc.request(SUBJECT, body.encode(), timeout=120)
-                out = json.loads(msg.data)
-                assert out["tokens_out"] > 0, out
-                engine_ms.append(out["duration_ms"])
+        async def fleet(text: str) -> None:
+            body = json.dumps({"input": text, "params": {"max_tokens": args.tokens, "temperature": 0}})
+            msg = await nc.request(SUBJECT, body.encode(), timeout=120)
+            out = json.loads(msg.data)
+            assert out["tokens_out"] > 0, out
+            engine_ms.append(out["duration_ms"])
 
-            floor = await transport_floor(url)
-            # warm both paths (page cache, prompt cache) before measuring
-            await run_batch(direct, items[:4], args.concurrency)
-            await run_batch(fleet, items[:4], args.concurrency)
+        floor = await transport_floor(url)
+        # warm both paths (page cache, prompt cache) before measuring
+        await run_batch(direct, items[:4], args.concurrency)
+        await run_batch(fleet, items[:4], args.concurrency)
+        engine_ms.clear()
+        rows = []
+        for label, conc in (("sequential", 1), (f"concurrency {args.concurrency}", args.concurrency)):
+            # ABBA order so drift in the machine's load does not favour either side
+            half = items[: len(items) // 2], items[len(items) // 2 :]
             engine_ms.clear()
-            rows = []
-            for label, conc in (("sequential", 1), (f"concurrency {args.concurrency}", args.concurrency)):
-                # ABBA order so drift in the machine's load does not favour either side
-                half = items[: len(items) // 2], items[len(items) // 2 :]
-                engine_ms.clear()
-                d1, l1 = await run_batch(direct, half[0], conc)
-                f1, m1 = await run_batch(fleet, half[0], conc)
-                f2, m2 = await run_batch(fleet, half[1], conc)
-                d2, l2 = await run_batch(direct, half[1], conc)
-                d_wall, d_lat, f_wall, f_lat = d1 + d2, l1 + l2, f1 + f2, m1 + m2
-                print(f"{label}: direct median {statistics.median(d_lat) * 1000:.0f} ms, worker engine median "
-                      f"{statistics.median(engine_ms):.0f} ms, fleet median {statistics.median(f_lat) * 1000:.0f} ms")
-                overhead = [f * 1000 - e for f, e in zip(sorted(f_lat), sorted(engine_ms), strict=False)]
-                rows.append((label, args.n / d_wall, args.n / f_wall, d_lat, f_lat, overhead))
-        finally:
-            await nc.close()
-            worker.terminate()
-            worker.wait(60)
-            server.terminate()
-            server.wait(10)
+            d1, l1 = await run_batch(direct, half[0], conc)
+            f1, m1 = await run_batch(fleet, half[0], conc)
+            f2, m2 = await run_batch(fleet, half[1], conc)
+            d2, l2 = await run_batch(direct, half[1], conc)
+            d_wall, d_lat, f_wall, f_lat = d1 + d2, l1 + l2, f1 + f2, m1 + m2
+            print(f"{label}: direct median {statistics.median(d_lat) * 1000:.0f} ms, worker engine median "
+                  f"{statistics.median(engine_ms):.0f} ms, fleet median {statistics.median(f_lat) * 1000:.0f} ms")
+            overhead = [f * 1000 - e for f, e in zip(sorted(f_lat), sorted(engine_ms), strict=False)]
+            rows.append((label, args.n / d_wall, args.n / f_wall, d_lat, f_lat, overhead))
     engine.close()
 
     print(f"\n{args.n} completions × {args.tokens} tokens, temperature 0, gemma3-270m, "

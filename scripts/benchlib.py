@@ -1,0 +1,68 @@
+"""What the benchmarks share: a private nats-server plus one worker process, always cleaned up.
+
+nats-server runs in its own session (so a Ctrl+C in a terminal does not reach it first); that
+also means it outlives a killed benchmark unless we stop it. The context manager stops both in
+`finally`, and SIGTERM is turned into SystemExit so `timeout` or a CI kill runs that too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+
+from workers import broker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _exit_on_sigterm(*_: object) -> None:
+    raise SystemExit(143)
+
+
+@asynccontextmanager
+async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[nats.NATS, str]]:
+    """Start nats-server (temp store, free port) and worker `name`; yield (client, url) once it is online."""
+    import os
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with tempfile.TemporaryDirectory() as tmp:
+        port = broker.free_port()
+        url = f"nats://127.0.0.1:{port}"
+        server = broker.start(port, Path(tmp) / "js")
+        worker: subprocess.Popen[bytes] | None = None
+        nc: nats.NATS | None = None
+        try:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "workers", name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env=dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), HTTP_ADDR="", **env),
+            )
+            nc = await nats.connect(url)
+            while True:
+                try:
+                    health = await nc.request(f"models.{name}.health", b"", timeout=1)
+                    if json.loads(health.data)["status"] == "online":
+                        break
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    if worker.poll() is not None:
+                        raise SystemExit(f"worker exited: {worker.stderr.read().decode()}") from None  # type: ignore[union-attr]
+                    await asyncio.sleep(0.2)
+            yield nc, url
+        finally:
+            if nc is not None:
+                await nc.close()
+            for proc in (worker, server):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
