@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKER ?= gemma3-270m
-FLEET := $(BIN)/python -m workers.fleet
+FLEET := $(BIN)/python -m workers.ops.fleet
 WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup models up start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
-	browser test bench lint $(WORKERS)
+	browser test test-unit bench lint typecheck $(WORKERS)
 
 help: ## this list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -64,12 +64,18 @@ browser: ## Debian chromium for the dashboard tests (headless, driven by playwri
 test: setup browser ## the test suite (real nats-server, real gemma3-270m, headless chromium)
 	$(BIN)/python -m pytest -q
 
+test-unit: $(STAMP) ## the fast tier: no model, no browser (real nats-server where NATS is the point), under a minute
+	$(BIN)/python -m pytest -q -m "not model and not browser"
+
 bench: setup ## fleet over NATS vs direct llama-cpp-python (completions, then minilm embeddings)
 	$(BIN)/python scripts/bench_fleet.py
 	$(BIN)/python scripts/bench_embed.py
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check workers monitor cli scripts tests
+
+typecheck: $(STAMP) ## mypy (config in pyproject.toml: typed defs everywhere, strict for the wire contract)
+	$(BIN)/mypy workers monitor cli
 
 $(WORKERS): $(STAMP)
 	$(FLEET) start $@

@@ -134,7 +134,7 @@ async def interactive(fleet: FleetClient, model: str, args: argparse.Namespace) 
         req_id = p.new_req_id()
         body = {"req_id": req_id, "params": params_of(args), "raw": args.raw}
         body |= {"input": text} if args.raw else {"messages": turn}
-        task = asyncio.ensure_future(answer(fleet, model, body, args))
+        task = asyncio.create_task(answer(fleet, model, body, args))
         loop.add_signal_handler(signal.SIGINT, task.cancel)  # Ctrl+C stops this answer, not the session
         try:
             reply = await task

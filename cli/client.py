@@ -12,11 +12,13 @@ import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-import nats
-from nats.errors import NoRespondersError, NoServersError
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from workers import discovery
 from workers import protocol as p
+from workers.connection import NATS, NatsUnavailable, connect
+from workers.logsetup import setup_logging
 
 
 class FleetError(Exception):
@@ -50,14 +52,12 @@ class FleetClient:
     def __init__(self, url: str = "nats://127.0.0.1:4222", connect_timeout: float = 2.0) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
-        self.nc: nats.NATS | None = None
+        self.nc: NATS | None = None
 
     async def __aenter__(self) -> FleetClient:
         try:
-            self.nc = await asyncio.wait_for(nats.connect(
-                self.url, connect_timeout=self.connect_timeout, allow_reconnect=False, error_cb=_quiet,
-            ), self.connect_timeout + 1)
-        except (TimeoutError, NoServersError, OSError):
+            self.nc = await connect(self.url, name="nats-cli", timeout=self.connect_timeout + 1, reconnect=False)
+        except NatsUnavailable:
             raise NoServer(f"no NATS server at {self.url}; start the fleet with `make up` or pass -url") from None
         return self
 
@@ -65,7 +65,7 @@ class FleetClient:
         if self.nc is not None:
             await self.nc.close()
 
-    def _nc(self) -> nats.NATS:
+    def _nc(self) -> NATS:
         assert self.nc is not None, "use `async with FleetClient(...)`"
         return self.nc
 
@@ -124,33 +124,11 @@ class FleetClient:
 
     async def health(self, model: str, wait: float = 0.5) -> list[dict[str, Any]]:
         """Every instance's health body (they all answer)."""
-        return await self._gather(p.health_subject(model), wait)
+        return await discovery.health(self._nc(), model, wait)
 
-    async def discover(self, wait: float = 0.5) -> list[dict[str, Any]]:
-        """Live instances, found through `$SRV.PING` and their health replies."""
-        pings = [x for x in await self._gather("$SRV.PING", wait) if "kind" in (x.get("metadata") or {})]
-        models = sorted({x["metadata"]["model"] for x in pings})
-        found: list[dict[str, Any]] = []
-        for model in models:
-            found.extend(await self.health(model, wait))
-        return found
-
-    async def _gather(self, subject: str, wait: float) -> list[dict[str, Any]]:
-        nc = self._nc()
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        await nc.publish(subject, b"", reply=inbox)
-        out: list[dict[str, Any]] = []
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=wait)
-                except NatsTimeout:
-                    return out
-                if msg.data:
-                    out.append(json.loads(msg.data))
-        finally:
-            await sub.unsubscribe()
+    async def discover(self, wait: float = 1.0) -> list[dict[str, Any]]:
+        """Live instances, found through `$SRV.PING` and their health replies (gathered for `wait` s)."""
+        return [json.loads(data) for data in await discovery.sweep(self._nc(), wait)]
 
     async def _timeout_message(self, model: str, timeout: float) -> str:
         depth = ""
@@ -168,10 +146,6 @@ def _no_worker(subject: str, model: str) -> str:
     return f"no worker is serving {subject}; start one with `make start WORKER={model}`"
 
 
-async def _quiet(_: Exception) -> None:
-    pass
-
-
 def model_from_subject(subject: str | None, kind: p.Kind, default: str) -> str:
     """`-subject inference.request.X` → X (the Go tool's flag); no subject → the -m default."""
     if not subject:
@@ -184,6 +158,7 @@ def model_from_subject(subject: str | None, kind: p.Kind, default: str) -> str:
 
 def run_cli(prog: str, coro: Coroutine[Any, Any, int]) -> int:
     """Run a CLI's coroutine; a FleetError becomes one unwrapped stderr line and its exit code."""
+    setup_logging()
     try:
         return asyncio.run(coro)
     except FleetError as e:

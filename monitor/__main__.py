@@ -7,6 +7,8 @@ import asyncio
 import socket
 import sys
 
+from workers.logsetup import setup_logging
+
 from .config import ConfigError, MonitorSettings, load_settings
 
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--sort", default="m", choices=["m", "s", "i", "d", "l", "r", "t"],
                    help="initial sort key: model, status, instances, depth, level, req/s, last seen")
     args = ap.parse_args(argv)
+    setup_logging()
     try:
         settings = load_settings()
     except ConfigError as e:

@@ -1,23 +1,26 @@
 """Monitor settings: typed defaults, overridden by the process environment.
 
 `NATS_URL=nats://10.0.0.5:4222 MONITOR_ADDR=127.0.0.1:9000 python -m monitor` works like the workers'
-settings do; a bad value stops the monitor with one line naming the key (`ConfigError`).
+settings do (the NATS and backpressure settings are the same classes, workers/settings.py); a bad value stops
+the monitor with one line naming the key (`ConfigError`).
 """
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Any
 
-from workers.config import ConfigError, parse_addr
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from workers.settings import BackpressureSettings, ConfigError, NatsSettings, config_error, parse_addr
 
 __all__ = ["ConfigError", "MonitorSettings", "load_settings"]
 
 
-class MonitorSettings(BaseSettings):
+class MonitorSettings(NatsSettings, BackpressureSettings):
     model_config = SettingsConfigDict(extra="ignore", validate_default=True)
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    # NATS_URL: NatsSettings
     nats_connect_timeout: float = Field(default=5.0, gt=0)  # `tui --once` gives up after this
     monitor_addr: str = ":8080"
     monitor_token: str = ""  # when set, the dashboard, /api/* and /metrics require it
@@ -40,9 +43,8 @@ class MonitorSettings(BaseSettings):
     monitor_sse_ping: float = Field(default=15.0, gt=0)  # keep-alive comment on idle SSE streams
     monitor_sse_queue: int = Field(default=256, ge=8)  # events buffered per SSE client before it is dropped
 
-    # used only when no worker has reported a level yet
-    backpressure_warning: float = Field(default=0.5, gt=0)
-    backpressure_critical: float = Field(default=0.8, gt=0)
+    # BACKPRESSURE_WARNING / BACKPRESSURE_CRITICAL (BackpressureSettings): used only when no worker has reported
+    # a level yet
 
     @field_validator("monitor_addr")
     @classmethod
@@ -50,31 +52,14 @@ class MonitorSettings(BaseSettings):
         parse_addr(v, "MONITOR_ADDR")
         return v
 
-    @field_validator("nats_url")
-    @classmethod
-    def _nats_url(cls, v: str) -> str:
-        for part in v.split(","):
-            if "://" not in part:
-                raise ValueError(f"NATS_URL must look like nats://host:4222, got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _thresholds(self) -> MonitorSettings:
-        if self.backpressure_warning >= self.backpressure_critical:
-            raise ValueError("BACKPRESSURE_WARNING must be below BACKPRESSURE_CRITICAL")
-        return self
-
     @property
     def host_port(self) -> tuple[str, int]:
         return parse_addr(self.monitor_addr, "MONITOR_ADDR")
 
 
-def load_settings(**overrides: object) -> MonitorSettings:
+def load_settings(**overrides: Any) -> MonitorSettings:
     """Settings from the environment (and `overrides`, for tests and the benchmark); ConfigError names the key."""
     try:
-        return MonitorSettings(**overrides)  # type: ignore[arg-type]
+        return MonitorSettings(**overrides)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = str(err["loc"][0]).upper() if err["loc"] else "?"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"config: {key}={err.get('input')!r} is invalid ({msg}); fix it in the environment") from None
+        raise config_error(e) from None

@@ -10,69 +10,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
-import sys
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from workers import discovery
 from workers import protocol as p
+from workers.connection import NatsUnavailable, connect
 
 from .config import MonitorSettings
 from .registry import Registry, decode_health
 
+__all__ = ["Feed", "NatsUnavailable"]
+
 HEARTBEATS = "models.*.heartbeat"
 REPORTS = "monitoring.*.*"
-# The names a worker accepts as MODEL_NAME; anything else in $SRV metadata is not asked for its health.
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class NatsUnavailable(Exception):
-    """No NATS server answered within NATS_CONNECT_TIMEOUT."""
 
 
 class Feed:
     def __init__(self, registry: Registry, settings: MonitorSettings) -> None:
         self.registry, self.settings = registry, settings
-        self.nc = NATS()
+        self.nc: NATS | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._catch_up: asyncio.Task[None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def connect(self, timeout: float | None = None) -> None:
         """Connect (reconnecting forever afterwards); with a timeout, give up on the first connect after it."""
-        url = self.settings.nats_url
-
-        async def on_error(e: Exception) -> None:
-            if not isinstance(e, (ConnectionRefusedError, OSError, nats.errors.StaleConnectionError)):
-                print(f"monitor: nats: {type(e).__name__}: {e}", file=sys.stderr)
 
         async def on_disconnected() -> None:
             self.registry.nats_connected = False
 
         async def on_reconnected() -> None:
             self.registry.nats_connected = True
-            asyncio.ensure_future(self.sweep())  # catch up on whatever changed while we were away
+            if self._catch_up is None or self._catch_up.done():  # catch up on what changed while we were away
+                self._catch_up = asyncio.create_task(self._sweep_quietly(), name="sweep-after-reconnect")
 
-        connecting = asyncio.ensure_future(self.nc.connect(
-            servers=url.split(","), name="fleet-monitor", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            ping_interval=20, max_outstanding_pings=3, connect_timeout=2, allow_reconnect=True,
-            error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-        ))
-        try:
-            await asyncio.wait_for(connecting, timeout)
-        except (TimeoutError, OSError, nats.errors.NoServersError) as e:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
-            raise NatsUnavailable(f"no NATS server answered at {url} within {timeout:g} s ({type(e).__name__}); "
-                                  "start one with `make nats` or set NATS_URL") from None
+        self.nc = await connect(self.settings.nats_url, name="fleet-monitor", timeout=timeout,
+                                on_disconnected=on_disconnected, on_reconnected=on_reconnected)
         self.registry.nats_connected = True
 
     async def start(self) -> None:
         """Subscribe, sweep once, then keep sweeping and ticking in the background."""
+        if self.nc is None:
+            raise RuntimeError("Feed.start() before Feed.connect()")
         await self.nc.subscribe(HEARTBEATS, cb=self._on_heartbeat)
         await self.nc.subscribe(REPORTS, cb=self._on_report)
         await self.nc.flush()
@@ -87,60 +70,35 @@ class Feed:
         await self.start()
 
     async def close(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *([self._catch_up] if self._catch_up else [])]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        with contextlib.suppress(Exception):
-            await self.nc.close()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
         self.registry.nats_connected = False
 
     # --- discovery -----------------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """$SRV.PING plus one health request per model; replies are gathered for MONITOR_SWEEP_WAIT."""
-        nc = self.nc
-        if not nc.is_connected:
+        """$SRV.PING plus one health request per model (the registry's too); replies gathered for
+        MONITOR_SWEEP_WAIT."""
+        if self.nc is None or not self.nc.is_connected:
             return
-        inbox = nc.new_inbox()
-        asked: set[str] = set()
+        await discovery.sweep(self.nc, self.settings.monitor_sweep_wait, known=list(self.registry.models),
+                              on_health=lambda data: self._observe_health(data, "health"))
 
-        async def ask(model: str) -> None:
-            if model in asked or not _MODEL_NAME.match(model):
-                return
-            asked.add(model)
-            with contextlib.suppress(Exception):
-                await nc.publish(p.health_subject(model), b"", reply=f"{inbox}.health")
-
-        async def on_reply(msg: Msg) -> None:
-            if not msg.data:
-                return  # a no-responders status
-            if msg.subject.endswith(".ping"):
-                try:
-                    meta = json.loads(msg.data).get("metadata") or {}
-                except (ValueError, AttributeError):
-                    return
-                if isinstance(meta.get("model"), str) and meta.get("worker_id"):
-                    await ask(meta["model"])
-            else:
-                self._observe_health(msg.data, "health")
-
-        sub = await nc.subscribe(f"{inbox}.*", cb=on_reply)
-        try:
-            await nc.publish("$SRV.PING", b"", reply=f"{inbox}.ping")
-            for model in list(self.registry.models):  # also those whose $SRV registration we missed
-                await ask(model)
-            await asyncio.sleep(self.settings.monitor_sweep_wait)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    async def _sweep_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # the connection may drop mid-sweep; the next one catches up
+            await self.sweep()
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.monitor_sweep_interval)
-            with contextlib.suppress(Exception):
-                await self.sweep()
+            await self._sweep_quietly()
 
     async def _tick_loop(self) -> None:
         while True:

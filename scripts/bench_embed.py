@@ -103,7 +103,7 @@ async def run(call: Callable[[list[str]], Awaitable[None]], batches: list[list[s
 async def fleet_vs_direct(model: Path, n: int) -> None:
     settings = load_settings(NAME)
     items = texts(n)
-    engine = Engine(model, kind="embedding", concurrency=settings.worker_concurrency, ctx_size=settings.ctx_size,
+    engine = Engine(model, embedding=True, concurrency=settings.worker_concurrency, ctx_size=settings.ctx_size,
                     threads=settings.model_threads, pooling=settings.pooling, normalize=settings.embed_normalize)
     await engine.load()
 

@@ -22,13 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import nats  # noqa: E402
+from nats.aio.msg import Msg  # noqa: E402
 
 from scripts.benchlib import local_worker  # noqa: E402
 from workers.config import load_settings  # noqa: E402
+from workers.connection import connect  # noqa: E402
 from workers.engine import Engine  # noqa: E402
+from workers.formats import format_prompt  # noqa: E402
+from workers.formats.template import Template  # noqa: E402
 from workers.modelfile import resolve  # noqa: E402
-from workers.prompts import Template, format_prompt  # noqa: E402
 from workers.protocol import InferenceRequest, Params  # noqa: E402
 
 SUBJECT = "inference.request.gemma3-270m"
@@ -64,10 +66,10 @@ async def transport_floor(url: str, n: int = 100) -> dict[str, float]:
     The fleet path needs both (caller -> ingress -> PubAck, then delivery and the reply), so this
     is the floor under the fleet's added latency.
     """
-    responder = await nats.connect(url)
-    client = await nats.connect(url)
+    responder = await connect(url, name="bench-responder")
+    client = await connect(url, name="bench-client")
 
-    async def echo(msg: nats.aio.msg.Msg) -> None:
+    async def echo(msg: Msg) -> None:
         await msg.respond(msg.data)
 
     await responder.subscribe("bench.echo", cb=echo)
@@ -103,12 +105,12 @@ async def main() -> None:
     params = Params(max_tokens=args.tokens, temperature=0)
     items = prompts(args.n)
 
-    engine = Engine(model, kind="inference", concurrency=args.concurrency, ctx_size=settings.ctx_size,
-                    threads=threads, default_stop=template.stop)
+    engine = Engine(model, embedding=False, concurrency=args.concurrency, ctx_size=settings.ctx_size,
+                    threads=threads)
     await engine.load()
 
     async def direct(text: str) -> None:
-        out = await engine.complete(format_prompt(InferenceRequest(input=text), template), params)
+        out = await engine.complete(format_prompt(InferenceRequest(input=text), template), params, stop=template.stop)
         assert out.tokens_out > 0
 
     async with local_worker("gemma3-270m", MODEL_PATH=str(model), WORKER_CONCURRENCY=str(args.concurrency),

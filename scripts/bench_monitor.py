@@ -23,13 +23,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import nats
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers import broker  # noqa: E402
 from workers import protocol as p  # noqa: E402
+from workers.connection import NATS, connect  # noqa: E402
+from workers.ops import broker  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -67,7 +66,7 @@ def get(url: str) -> tuple[float, int]:
     return (time.perf_counter() - t0) * 1000, n
 
 
-async def phase(nc: nats.NATS, url: str, pid: int, n: int, hz: float, seconds: float, churn: bool) -> None:
+async def phase(nc: NATS, url: str, pid: int, n: int, hz: float, seconds: float, churn: bool) -> None:
     interval = 1 / hz
     stop = time.monotonic() + seconds
     timings: list[float] = []
@@ -145,7 +144,7 @@ async def main() -> None:
                     raise SystemExit("the monitor did not come up") from None
                 await asyncio.sleep(0.1)
         print(f"monitor pid {mon.pid}, idle RSS {rss_mb(mon.pid):.1f} MiB; MONITOR_MAX_INSTANCES={args.max_instances}")
-        nc = await nats.connect(nats_url)
+        nc = await connect(nats_url, name="bench-monitor")
         try:
             await phase(nc, url, mon.pid, args.instances, args.hz, args.seconds, churn=False)
             await phase(nc, url, mon.pid, args.instances, args.hz, args.seconds, churn=True)

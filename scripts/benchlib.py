@@ -7,8 +7,7 @@ also means it outlives a killed benchmark unless we stop it. The context manager
 
 from __future__ import annotations
 
-import asyncio
-import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,9 +16,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import nats
-
-from workers import broker
+from workers import discovery
+from workers.connection import NATS, connect
+from workers.ops import broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,32 +28,24 @@ def _exit_on_sigterm(*_: object) -> None:
 
 
 @asynccontextmanager
-async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[nats.NATS, str]]:
+async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[NATS, str]]:
     """Start nats-server (temp store, free port) and worker `name`; yield (client, url) once it is online."""
-    import os
-
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory() as tmp:
         port = broker.free_port()
         url = f"nats://127.0.0.1:{port}"
         server = broker.start(port, Path(tmp) / "js")
         worker: subprocess.Popen[bytes] | None = None
-        nc: nats.NATS | None = None
+        nc: NATS | None = None
         try:
-            worker = subprocess.Popen(
+            child = worker = subprocess.Popen(
                 [sys.executable, "-m", "workers", name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 env=dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), HTTP_ADDR="", **env),
             )
-            nc = await nats.connect(url)
-            while True:
-                try:
-                    health = await nc.request(f"models.{name}.health", b"", timeout=1)
-                    if json.loads(health.data)["status"] == "online":
-                        break
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                    if worker.poll() is not None:
-                        raise SystemExit(f"worker exited: {worker.stderr.read().decode()}") from None  # type: ignore[union-attr]
-                    await asyncio.sleep(0.2)
+            nc = await connect(url, name="bench")
+            if not await discovery.wait_online(nc, name, timeout=None, alive=lambda: child.poll() is None):
+                _, stderr = child.communicate()
+                raise SystemExit(f"worker exited: {stderr.decode()}")
             yield nc, url
         finally:
             if nc is not None:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ import nats
 import pytest
 import pytest_asyncio
 
-from workers import broker
-from workers import protocol as p
+from workers import discovery
 from workers.config import ROOT, load_settings
 from workers.modelfile import resolve
+from workers.ops import broker
 
 GEMMA_ENV = ROOT / "envs" / "worker.gemma3-270m.env"
 EMBED_ENV = ROOT / "envs" / "worker.gemma3-270m-embed.env"
@@ -137,32 +136,15 @@ async def wait_online(url: str, w: WorkerProc, timeout: float = 60) -> None:
     """Until this worker process answers health with status online."""
     nc = await nats.connect(url)
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if w.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {w.proc.returncode}:\n{w.output()}")
-            try:
-                inbox = nc.new_inbox()
-                sub = await nc.subscribe(inbox)
-                await nc.publish(p.health_subject(w.model), b"", reply=inbox)
-                end = time.monotonic() + 0.5
-                while time.monotonic() < end:
-                    try:
-                        msg = await sub.next_msg(timeout=max(0.01, end - time.monotonic()))
-                    except nats.errors.TimeoutError:
-                        break
-                    if not msg.data:  # a no-responders status: nobody subscribed yet
-                        break
-                    body = json.loads(msg.data)
-                    if body["status"] == "online" and body["worker_id"].endswith(f"-{w.proc.pid}"):
-                        return
-                await sub.unsubscribe()
-            except nats.errors.NoRespondersError:
-                pass
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"worker not online after {timeout} s:\n{w.output()}")
+        online = await discovery.wait_online(nc, w.model, pid=w.proc.pid, timeout=timeout,
+                                             alive=lambda: w.proc.poll() is None)
     finally:
         await nc.close()
+    if online:
+        return
+    if w.proc.poll() is not None:
+        raise AssertionError(f"worker exited with {w.proc.returncode}:\n{w.output()}")
+    raise AssertionError(f"worker not online after {timeout} s:\n{w.output()}")
 
 
 @pytest_asyncio.fixture

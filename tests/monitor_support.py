@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from workers import broker
 from workers.config import ROOT
+from workers.ops import broker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -13,6 +13,8 @@ from workers import protocol as p
 
 from .conftest import ask
 
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
+
 SUBJECT = "inference.request.gemma3-270m"
 
 BAD = [

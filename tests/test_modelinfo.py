@@ -61,6 +61,7 @@ def test_parameter_counts_read_like_people_write_them(n, text):
     assert human_count(n) == text
 
 
+@pytest.mark.model
 async def test_the_real_gemma3_file(model_path):
     from workers.engine import Engine
 

@@ -7,6 +7,8 @@ import json
 import signal
 import time
 
+import pytest
+
 from .monitor_support import (
     SSEReader,
     fetch,
@@ -20,6 +22,7 @@ def by_name(services: list[dict]) -> dict[str, dict]:
     return {s["model_name"]: s for s in services}
 
 
+@pytest.mark.model
 async def test_running_fleet_is_listed_within_two_seconds_of_start(start_worker, start_monitor):
     # a long heartbeat interval: the monitor must find them by its sweep, not by waiting for a beat
     a = await start_worker(HEARTBEAT_INTERVAL=60)
@@ -54,6 +57,7 @@ async def test_running_fleet_is_listed_within_two_seconds_of_start(start_worker,
     assert status == 404 and b"no-such-model" in body
 
 
+@pytest.mark.model
 async def test_two_instances_of_one_model_are_one_model_with_two_instances(start_worker, start_monitor):
     a = await start_worker(WORKER_CONCURRENCY=1)
     b = await start_worker(WORKER_CONCURRENCY=1)
@@ -72,6 +76,7 @@ async def _instances(url: str, model: str, n: int) -> dict | None:
     return entry if entry and entry["instance_count"] == n else None
 
 
+@pytest.mark.model
 async def test_killed_worker_goes_stale_then_offline_on_time_and_the_stream_says_so(start_worker, start_monitor, nc):
     last_heard: list[float] = []
 
@@ -106,6 +111,7 @@ def _change(sse: SSEReader, to: str, after: float = 0.0) -> float | None:
                  if t > after and d["model_name"] == "gemma3-270m" and d["to"] == to), None)
 
 
+@pytest.mark.model
 async def test_a_worker_that_stops_cleanly_is_offline_at_once(start_worker, start_monitor):
     w = await start_worker()  # heartbeat interval 10 s: waiting for 2x would take 20 s
     m = await start_monitor()

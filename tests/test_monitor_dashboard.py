@@ -7,15 +7,20 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import send_many
 from .monitor_support import (
     page_fixture,  # noqa: F401 - the page fixture
     start_monitor_fixture,  # noqa: F401 - the start_monitor fixture
 )
 
+pytestmark = pytest.mark.browser  # headless Chromium
+
 CARD = 'section.card[data-model="gemma3-270m"]'
 
 
+@pytest.mark.model
 async def test_dashboard_shows_the_worker_and_its_queue_bar_moves(start_worker, start_monitor, nc, page,
                                                                    tmp_path: Path):
     await start_worker(WORKER_CONCURRENCY=1, QUEUE_MAX_PER_MODEL=16)

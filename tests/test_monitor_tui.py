@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 
+import pytest
 from rich.console import Console
 
 from monitor import tui
 from monitor.config import load_settings
-from workers import broker
 from workers.config import ROOT
+from workers.ops import broker
 
 
+@pytest.mark.model
 async def test_tui_table_shows_a_row_per_model(start_worker, nats_server):
     await start_worker(WORKER_CONCURRENCY=1, QUEUE_MAX_PER_MODEL=50)
     await start_worker(MODEL_NAME="gemma3-embed-v1.5", MODEL_KIND="embedding")
@@ -30,6 +32,7 @@ async def test_tui_table_shows_a_row_per_model(start_worker, nats_server):
     assert "2 models · 2/2 instances live" in text and "q quit" in text
 
 
+@pytest.mark.model
 async def test_status_once_prints_the_table_and_exits_0(start_worker, nats_server):
     await start_worker(WORKER_CONCURRENCY=1)
     env = {**os.environ, "NATS_URL": nats_server.url}

@@ -8,10 +8,13 @@ import socket
 import time
 
 import nats
+import pytest
 
 from workers import protocol as p
 
 from .conftest import EMBED_ENV, ask
+
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 SUBJECT = "inference.request.gemma3-270m"
 

@@ -8,6 +8,7 @@ import sqlite3
 import time
 
 import nats
+import pytest
 
 from workers import protocol as p
 from workers.config import Settings
@@ -27,6 +28,7 @@ async def answers(subs, timeout: float) -> list[dict]:
     return out
 
 
+@pytest.mark.model
 async def test_sigkill_mid_generation_loses_nothing(start_worker, nc):
     a = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3)
     subs = await send_many(nc, 5, 96, "kill")
@@ -39,6 +41,7 @@ async def test_sigkill_mid_generation_loses_nothing(start_worker, nc):
     assert {r["worker_id"] for r in replies} == {f"gemma3-270m-{_host()}-{b.proc.pid}"}
 
 
+@pytest.mark.model
 async def test_broker_restart_with_queued_requests(start_worker, nc, nats_server):
     await start_worker(WORKER_CONCURRENCY=1)
     subs = await send_many(nc, 4, 48, "restart")
@@ -49,6 +52,7 @@ async def test_broker_restart_with_queued_requests(start_worker, nc, nats_server
     assert all("error" not in r for r in replies)
 
 
+@pytest.mark.model
 async def test_sigterm_finishes_in_flight_work_then_exits(start_worker, nc):
     w = await start_worker(WORKER_CONCURRENCY=1)
     subs = await send_many(nc, 1, 64, "drain")
@@ -61,6 +65,7 @@ async def test_sigterm_finishes_in_flight_work_then_exits(start_worker, nc):
     assert codes.index("drain") < codes.index("shutdown")
 
 
+@pytest.mark.model
 async def test_unfinished_work_is_handed_back_on_drain_timeout(start_worker, nc):
     a = await start_worker(WORKER_CONCURRENCY=1, DRAIN_TIMEOUT=0)
     subs = await send_many(nc, 1, 200, "handback")
@@ -71,6 +76,7 @@ async def test_unfinished_work_is_handed_back_on_drain_timeout(start_worker, nc)
     assert reply["worker_id"].endswith(f"-{b.proc.pid}") and "error" not in reply
 
 
+@pytest.mark.model
 async def test_ghost_request_past_its_deadline_is_skipped(start_worker, nc):
     w = await start_worker(WORKER_CONCURRENCY=1)
     busy = asyncio.create_task(ask(nc, SUBJECT, {"input": "Write a poem.", "params": {"max_tokens": 120}}))
@@ -93,7 +99,7 @@ async def test_dead_letter_is_answered_logged_and_removed(nats_server, nc, tmp_p
     durable = await ensure_consumer(js, settings)
     store = Store(settings.log_path)
     await store.open()
-    dead = DeadLetters(nc, js, settings, store, lambda row: store.request(**row))
+    dead = DeadLetters(nc, js, settings, store, lambda finished: store.request(**finished.columns()))
     await dead.start()
     inbox = nc.new_inbox()
     caller = await nc.subscribe(inbox)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_asyncio
 
 from .conftest import ask
+
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 SUBJECT = "inference.request.gemma3-270m"
 STORY = "Write a short story about a lighthouse keeper."

@@ -7,11 +7,14 @@ import json
 import sqlite3
 import time
 
+import pytest
+
 from workers.store import Store
 
 from .conftest import ask
 
 
+@pytest.mark.model
 async def test_a_request_row_and_the_lifecycle_events(start_worker, nc):
     w = await start_worker()
     out = await ask(nc, "inference.request.gemma3-270m",

@@ -6,7 +6,11 @@ import asyncio
 import json
 import sqlite3
 
-from workers import broker
+import pytest
+
+from workers.ops import broker
+
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 SUBJECT = "inference.request.gemma3-270m"
 CANCEL = "inference.cancel.gemma3-270m"

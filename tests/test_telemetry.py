@@ -9,11 +9,14 @@ import time
 import urllib.request
 
 import nats
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers import broker
+from workers.ops import broker
 
 from .conftest import ask, send_many
+
+pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 SUBJECT = "inference.request.gemma3-270m"
 LONG = {"input": "Write a long story about a dragon and a knight.", "params": {"max_tokens": 200, "temperature": 0}}

@@ -8,6 +8,7 @@ import sys
 
 from .config import ConfigError, available_workers, load_settings
 from .connection import NatsUnavailable
+from .logsetup import setup_logging
 from .worker import StartupError, Worker
 
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.name and not args.env:
         ap.error("give a worker name or --env FILE")
+    setup_logging()
     try:
         settings = load_settings(args.name, args.env)
         asyncio.run(Worker(settings).run())

@@ -1,7 +1,8 @@
 """Worker settings: `envs/worker.<name>.env`, overridden by the process environment.
 
 One object, validated at start. A bad value becomes one line naming the key and the fix
-(`ConfigError`), never a traceback.
+(`ConfigError`), never a traceback. The NATS and backpressure settings, `ConfigError` and `parse_addr` are
+shared with the monitor (workers/settings.py).
 """
 
 from __future__ import annotations
@@ -12,41 +13,39 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-ROOT = Path(__file__).resolve().parent.parent
+from .formats import FORMATS
+from .protocol import Kind
+from .settings import BackpressureSettings, ConfigError, NatsSettings, config_error, parse_addr
+
+__all__ = ["ENVS_DIR", "ROOT", "ConfigError", "Settings", "available_workers", "env_file_for", "load_settings",
+           "parse_addr"]
+
+
+def _root() -> Path:
+    """The checkout (envs/ and data/ beside the packages); for an installed copy, the working directory."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "envs").is_dir() else Path.cwd()
+
+
+ROOT = _root()
 ENVS_DIR = ROOT / "envs"
 
 
-class ConfigError(Exception):
-    """A setting a user must fix; the message is the whole story."""
-
-
-def parse_addr(value: str, key: str = "address") -> tuple[str, int]:
-    """`:5770`, `5770`, `127.0.0.1:5770` or `[::1]:5770` → (host, port); an empty host means all interfaces."""
-    v = value.strip()
-    host, sep, port = v.rpartition(":")
-    if not sep:
-        host, port = "", v
-    host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{key} must look like ':5770' or '127.0.0.1:5770', got {value!r}")
-    return host, int(port)
-
-
-class Settings(BaseSettings):
+class Settings(NatsSettings, BackpressureSettings):
     model_config = SettingsConfigDict(extra="ignore", env_file_encoding="utf-8", validate_default=True)
 
     # what to serve
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model_kind: Literal["inference", "embedding"] = "inference"
+    model_kind: Kind = "inference"
     model_path: str = ""
     model_package: str = ""
     model_repo: str = ""
     model_file: str = ""
     model_sha256: str = ""
     model_source_dir: str = ""  # a Hugging Face BERT folder, converted to MODEL_PATH when that file is missing
-    model_format: Literal["template", "chat", "chatml", "harmony", "raw"] = "template"
+    model_format: str = "template"  # a registered prompt format (workers/formats/)
     harmony_identity: str = "You are ChatGPT, a large language model trained by OpenAI."
     harmony_knowledge_cutoff: str = "2024-06"
     harmony_reasoning: Literal["low", "medium", "high"] = "medium"
@@ -62,9 +61,7 @@ class Settings(BaseSettings):
     http_queue_limit: int = Field(default=8, ge=0)  # HTTP requests that may wait for a slot; more get 429
     log_prompts_http: bool = False  # show prompts and answers in GET /logs
 
-    # where
-    nats_url: str = "nats://127.0.0.1:4222"
-    nats_connect_timeout: float = Field(default=30.0, gt=0)
+    # where (NATS_URL and NATS_CONNECT_TIMEOUT: NatsSettings)
     http_addr: str = ""
     data_dir: Path = ROOT / "data"
     worker_id: str = ""
@@ -83,8 +80,7 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=10.0, gt=0)
     report_interval_busy: float = Field(default=1.0, gt=0)
     report_interval_idle: float = Field(default=10.0, gt=0)
-    backpressure_warning: float = Field(default=0.5, gt=0)
-    backpressure_critical: float = Field(default=0.8, gt=0)
+    # BACKPRESSURE_WARNING / BACKPRESSURE_CRITICAL: BackpressureSettings
     log_retention_days: float = Field(default=14.0, gt=0)
     log_max_rows: int = Field(default=200_000, ge=100)
 
@@ -95,20 +91,17 @@ class Settings(BaseSettings):
             parse_addr(v, "HTTP_ADDR")
         return v
 
-    @field_validator("nats_url")
+    @field_validator("model_format")
     @classmethod
-    def _nats_url(cls, v: str) -> str:
-        for part in v.split(","):
-            if "://" not in part:
-                raise ValueError(f"NATS_URL must look like nats://host:4222, got {v!r}")
+    def _format(cls, v: str) -> str:
+        if v not in FORMATS:
+            raise ValueError(f"not a prompt format; use one of {', '.join(sorted(FORMATS))}")
         return v
 
     @model_validator(mode="after")
     def _derived(self) -> Settings:
         if not self.worker_id:
             self.worker_id = f"{self.model_name}-{socket.gethostname()}-{os.getpid()}"
-        if self.backpressure_warning >= self.backpressure_critical:
-            raise ValueError("BACKPRESSURE_WARNING must be below BACKPRESSURE_CRITICAL")
         if self.model_threads == 0:
             self.model_threads = max(1, (os.cpu_count() or 1) // self.worker_concurrency)
         return self
@@ -150,13 +143,6 @@ def load_settings(name: str | None = None, env_file: str | Path | None = None) -
     if env_file is not None and not Path(env_file).exists():
         raise ConfigError(f"env file {env_file} does not exist")
     try:
-        return Settings(_env_file=env_file)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = str(err["loc"][0]).upper() if err["loc"] else "?"
-        got = err.get("input")
-        where = f"in {env_file} or the environment" if env_file else "in the environment"
-        if err["type"] == "missing":
-            raise ConfigError(f"config: {key} is required; set it {where}") from None
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"config: {key}={got!r} is invalid ({msg}); fix it {where}") from None
+        raise config_error(e, f"in {env_file} or the environment" if env_file else "in the environment") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .protocol import BadRequest, Params
+from .protocol import BadRequest, FinishReason, Params
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -31,7 +31,7 @@ class Completion:
     text: str
     tokens_in: int
     tokens_out: int
-    finish_reason: str
+    finish_reason: FinishReason
     ttft_ms: float | None
 
 
@@ -44,18 +44,16 @@ class Embeddings:
 class Engine:
     """A pool of llama.cpp contexts for one model."""
 
-    def __init__(self, path: Path, *, kind: str, concurrency: int, ctx_size: int, threads: int,
-                 pooling: str = "mean", default_max_tokens: int = 128, default_stop: list[str] | None = None,
-                 normalize: bool = False) -> None:
+    def __init__(self, path: Path, *, embedding: bool, concurrency: int, ctx_size: int, threads: int,
+                 pooling: str = "mean", default_max_tokens: int = 128, normalize: bool = False) -> None:
         self.path = path
         self.normalize = normalize  # L2-normalise embeddings (sentence-transformers models expect it)
-        self.kind = kind
+        self.embedding = embedding  # pooled vectors instead of text generation
         self.concurrency = concurrency
         self.ctx_size = ctx_size
         self.threads = threads
         self.pooling = pooling
         self.default_max_tokens = default_max_tokens
-        self.default_stop = default_stop or []
         self._free: asyncio.Queue[Llama] = asyncio.Queue()
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
@@ -68,7 +66,7 @@ class Engine:
             model_path=str(self.path), n_ctx=self.ctx_size, n_threads=self.threads,
             n_threads_batch=self.threads, verbose=False,
         )
-        if self.kind == "embedding":
+        if self.embedding:
             kwargs.update(embedding=True, pooling_type=POOLING[self.pooling], n_batch=self.ctx_size,
                           n_ubatch=self.ctx_size)
         return Llama(**kwargs)
@@ -91,6 +89,14 @@ class Engine:
     @property
     def n_params(self) -> int | None:
         return int(self._contexts[0]._model.n_params()) if self._contexts else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """The model's begin- and end-of-sequence tokens as text ({"bos": ..., "eos": ...})."""
+        if not self._contexts:
+            return {}
+        llm = self._contexts[0]
+        return {name: llm.detokenize([token], special=True).decode(errors="ignore")
+                for name, token in (("bos", llm.token_bos()), ("eos", llm.token_eos()))}
 
     def check_grammar(self, text: str) -> str | None:
         """Compile a GBNF grammar with llama.cpp; the parser's message if it fails, else None."""
@@ -132,18 +138,19 @@ class Engine:
             llm.close()
         self._contexts.clear()
 
-    async def complete(self, prompt: str, params: Params, *, grammar: str | None = None,
+    async def complete(self, prompt: str, params: Params, *, stop: tuple[str, ...] = (), grammar: str | None = None,
                        on_delta: Callable[[str], None] | None = None,
                        cancel: threading.Event | None = None) -> Completion:
-        """Generate from `prompt`. `on_delta` gets text pieces as they are produced (called from the
-        generation thread); setting `cancel` stops within a token with finish_reason `cancelled`."""
+        """Generate from `prompt`, ending at the caller's stop strings or `stop` (the prompt format's).
+        `on_delta` gets text pieces as they are produced (called from the generation thread); setting
+        `cancel` stops within a token with finish_reason `cancelled`."""
         llm = await self._free.get()
         try:
-            return await asyncio.to_thread(self._complete, llm, prompt, params, grammar, on_delta, cancel)
+            return await asyncio.to_thread(self._complete, llm, prompt, params, stop, grammar, on_delta, cancel)
         finally:
             self._free.put_nowait(llm)
 
-    def _complete(self, llm: Llama, prompt: str, p: Params, grammar: str | None,
+    def _complete(self, llm: Llama, prompt: str, p: Params, stop: tuple[str, ...], grammar: str | None,
                   on_delta: Callable[[str], None] | None, cancel: threading.Event | None) -> Completion:
         from llama_cpp import LlamaGrammar, StoppingCriteriaList, llama_vocab_is_eog
 
@@ -171,14 +178,14 @@ class Engine:
             top_p=p.top_p if p.top_p is not None else 0.95,
             top_k=p.top_k if p.top_k is not None else 40,
             repeat_penalty=p.repeat_penalty if p.repeat_penalty is not None else 1.0,
-            stop=(p.stop if p.stop is not None else []) + self.default_stop,
+            stop=[*(p.stop or []), *stop],
             seed=p.seed if p.seed is not None else random.getrandbits(31),  # else llama chains seeds
             stopping_criteria=StoppingCriteriaList([watch]),
             grammar=LlamaGrammar.from_string(grammar) if grammar else None,
             stream=True,  # llama-cpp-python holds back text that could start a stop string
         )
         parts: list[str] = []
-        finish = "stop"
+        finish: FinishReason = "stop"
         for chunk in chunks:
             choice = chunk["choices"][0]
             if choice["text"]:
@@ -227,5 +234,5 @@ class Engine:
         for group in groups:
             if self._abort.is_set():
                 raise RuntimeError("aborted")
-            vectors.extend(llm.embed(group, normalize=self.normalize, truncate=False))  # type: ignore[arg-type]
+            vectors.extend(llm.embed(group, normalize=self.normalize, truncate=False))
         return Embeddings(vectors=vectors, tokens=sum(counts))

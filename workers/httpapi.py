@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,14 +18,12 @@ from . import protocol as p
 from .openai_api import error
 from .openai_api import routes as openai_routes
 from .store import read_recent
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .surface import Serving
 
 PROMPT_COLUMNS = ("raw_input", "formatted_input", "response_text")
 
 
-def build_app(worker: Worker) -> Starlette:
+def build_app(worker: Serving) -> Starlette:
     s = worker.settings
 
     async def metrics(_: Request) -> Response:
@@ -51,16 +49,13 @@ def build_app(worker: Worker) -> Starlette:
                     row.pop(col, None)
         return JSONResponse({"requests": rows, "prompts_included": s.log_prompts_http})
 
-    def grammars_or_404() -> Response | None:
-        if worker.grammars is None:
-            return error(404, "not_found", f"{s.model_name} does not take grammars")
-        return None
+    def no_grammars() -> Response:
+        return error(404, "not_found", f"{s.model_name} does not take grammars")
 
     async def list_grammars(_: Request) -> Response:
-        if (missing := grammars_or_404()) is not None:
-            return missing
-        assert worker.grammars is not None
-        return JSONResponse({"grammars": [{"name": n, "source": src} for n, src in worker.grammars.names().items()]})
+        if (grammars := worker.grammars) is None:
+            return no_grammars()
+        return JSONResponse({"grammars": [{"name": n, "source": src} for n, src in grammars.names().items()]})
 
     async def gbnf_of(request: Request) -> tuple[str | None, str]:
         raw = (await request.body()).decode(errors="replace")
@@ -71,36 +66,34 @@ def build_app(worker: Worker) -> Starlette:
         return None, raw
 
     async def create_grammar(request: Request) -> Response:
-        if (missing := grammars_or_404()) is not None:
-            return missing
-        assert worker.grammars is not None
+        if (grammars := worker.grammars) is None:
+            return no_grammars()
         name, text = await gbnf_of(request)
         if not name:
             return error(400, "invalid_request", 'send {"name": "...", "gbnf": "root ::= ..."}')
-        if worker.grammars.get(name) is not None:
+        if grammars.get(name) is not None:
             return error(409, "exists", f"grammar {name} exists; PUT /grammars/{name} replaces it")
         try:
-            worker.grammars.put(name, text)
+            grammars.put(name, text)
         except p.BadRequest as e:
             return error(e.status, e.type, e.message)
         return JSONResponse({"name": name, "gbnf": text}, status_code=201)
 
     async def one_grammar(request: Request) -> Response:
-        if (missing := grammars_or_404()) is not None:
-            return missing
-        assert worker.grammars is not None
+        if (grammars := worker.grammars) is None:
+            return no_grammars()
         name = request.path_params["name"]
         try:
             if request.method == "GET":
-                text = worker.grammars.get(name)
+                text = grammars.get(name)
                 if text is None:
                     return error(404, "not_found", f"no grammar named {name}")
                 return JSONResponse({"name": name, "gbnf": text})
             if request.method == "PUT":
                 _, text = await gbnf_of(request)
-                replaced = worker.grammars.put(name, text)
+                replaced = grammars.put(name, text)
                 return JSONResponse({"name": name, "gbnf": text}, status_code=200 if replaced else 201)
-            if worker.grammars.delete(name):
+            if grammars.delete(name):
                 return Response(status_code=204)
             return error(404, "not_found", f"no stored grammar named {name}")
         except p.BadRequest as e:
@@ -108,10 +101,7 @@ def build_app(worker: Worker) -> Starlette:
 
     async def cancel(request: Request) -> Response:
         req_id = request.path_params["req_id"]
-        state = worker.runner.cancel(req_id) if worker.runner else "queued"
-        if worker.nc is not None:  # it may be queued or running on another instance
-            await worker.nc.publish(p.cancel_subject(s.model_kind, s.model_name),
-                                    p.dumps(p.CancelRequest(req_id=req_id)))
+        state = await worker.cancel(req_id)
         return JSONResponse({"req_id": req_id, "state": state, "cancelled": state == "running"},
                             status_code=200 if state == "running" else 202)
 
@@ -131,8 +121,9 @@ def build_app(worker: Worker) -> Starlette:
 class Server(uvicorn.Server):
     """uvicorn inside the worker's event loop; the worker owns the signals, not uvicorn."""
 
-    def capture_signals(self):  # type: ignore[override]
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def server(app: Starlette, host: str, port: int) -> Server:

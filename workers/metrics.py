@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .outcome import Finished
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
@@ -32,21 +35,21 @@ class Metrics:
         for g in (self.running, self.waiting, self.ready, self.load_seconds):
             g.labels(model)
 
-    def observe(self, row: dict[str, Any]) -> None:
-        """Count one finished request from its log row."""
-        model = self.model
-        self.requests.labels(model, row.get("status") or "ok", row.get("finish_reason") or "none").inc()
-        if row.get("tokens_in"):
-            self.prompt_tokens.labels(model).inc(row["tokens_in"])
-        if row.get("tokens_out"):
-            self.generation_tokens.labels(model).inc(row["tokens_out"])
-        if row.get("status") not in ("ok",):
+    def observe(self, f: Finished) -> None:
+        """Count one finished request."""
+        model, run = self.model, f.run
+        self.requests.labels(model, f.status, f.finish_reason or "none").inc()
+        if run.tokens_in:
+            self.prompt_tokens.labels(model).inc(run.tokens_in)
+        if run.tokens_out:
+            self.generation_tokens.labels(model).inc(run.tokens_out)
+        if f.status != "ok":
             return
-        queue_s = (row.get("queue_ms") or 0) / 1000
+        queue_s = f.intake.queue_ms / 1000
         self.queue_time.labels(model).observe(queue_s)
-        self.e2e.labels(model).observe(queue_s + (row.get("dur_ms") or 0) / 1000)
-        if row.get("ttft_ms") is not None:
-            self.ttft.labels(model).observe(row["ttft_ms"] / 1000)
+        self.e2e.labels(model).observe(queue_s + (f.dur_ms or 0) / 1000)
+        if run.ttft_ms is not None:
+            self.ttft.labels(model).observe(run.ttft_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""Find the GGUF file a worker serves (DESIGN §8).
+"""Find the GGUF file a worker serves (docs/architecture.md, "Model files").
 
 Order: the file at MODEL_PATH; a Hugging Face BERT folder (MODEL_SOURCE_DIR) converted to GGUF;
 a model shipped in an installed Python package (MODEL_PACKAGE: a GGUF, chunks it assembles, or a
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import os
-import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from . import bert_gguf
 from .config import ROOT, Settings
 
 _console = Console(stderr=True)
@@ -92,27 +92,14 @@ def from_folder(settings: Settings, source: Path, target: Path | None) -> Path:
     target = target or settings.models_dir / "model.gguf"
     if target.is_file():
         return target
-    converter = bert_converter()
 
     def say(line: str) -> None:
         _console.print(f"{settings.model_name}: {line}", markup=False, highlight=False, soft_wrap=True)
 
     try:
-        return converter.convert(source, target, name=settings.model_name, log=say)
-    except converter.UnsupportedModel as e:
+        return bert_gguf.convert(source, target, name=settings.model_name, log=say)
+    except bert_gguf.UnsupportedModel as e:
         raise ModelNotFound(_advice(settings, f"Cannot convert {source}: {e}")) from None
-
-
-def bert_converter() -> ModuleType:
-    """scripts/convert_bert_to_gguf.py, which is both this module's converter and a command-line tool."""
-    name = "convert_bert_to_gguf"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def from_hub(settings: Settings, target: Path | None) -> Path:
@@ -134,7 +121,7 @@ def from_hub(settings: Settings, target: Path | None) -> Path:
                 filename=settings.model_file,
                 local_dir=target.parent,
                 endpoint=endpoint,
-                tqdm_class=RichTqdm,  # type: ignore[arg-type]
+                tqdm_class=RichTqdm,
             )
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
@@ -177,7 +164,7 @@ class RichTqdm:
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TimeRemainingColumn(), console=_console, transient=False, disable=disable,
         )
-        self._task = self._progress.add_task(desc or "download", total=total, completed=initial)
+        self._task = self._progress.add_task(desc or "download", total=total, completed=int(initial))
         self._progress.start()
 
     def update(self, n: float = 1) -> None:
@@ -204,13 +191,11 @@ class RichTqdm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __iter__(self):  # pragma: no cover - not used by downloads
+    def __iter__(self) -> Iterator[Any]:  # pragma: no cover - not used by downloads
         return iter(())
 
     @classmethod
     def get_lock(cls) -> Any:
-        import threading
-
         return threading.RLock()
 
     @classmethod

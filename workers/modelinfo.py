@@ -1,8 +1,11 @@
-"""What a model is and can do, read from its GGUF metadata (DESIGN §6), never guessed from its name."""
+"""What a model is and can do, read from its GGUF metadata (docs/architecture.md, "Model info and
+capabilities"), never guessed from its name."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from .protocol import KINDS, Kind
 
 # llama.cpp's `enum llama_ftype` (general.file_type): the quantization the file was made with.
 FILE_TYPES = {
@@ -54,13 +57,16 @@ def model_info(md: dict[str, Any], *, n_params: int | None = None, context_size:
     }
 
 
-def capabilities(md: dict[str, Any], *, kind: str, grammars: bool = False) -> list[str]:
-    """What this worker really serves, from the architecture, pooling and chat template."""
+def capabilities(md: dict[str, Any], *, kind: Kind, grammars: bool = False) -> list[str]:
+    """What this worker really serves: its kind's capability (an encoder cannot generate, whatever the env
+    says), then what the chat template and grammars add to text generation."""
+    spec = KINDS[kind]
     arch = str(md.get("general.architecture", ""))
     template = str(md.get("tokenizer.chat_template") or "")
-    caps: list[str] = []
-    if kind == "inference" and arch not in ENCODER_ARCHS:
-        caps.append("text-generation")
+    if spec.generates and arch in ENCODER_ARCHS:
+        return []
+    caps = [spec.capability]
+    if spec.generates:
         if template:
             caps.append("chat")
         if "tools" in template or "tool_call" in template:
@@ -69,6 +75,4 @@ def capabilities(md: dict[str, Any], *, kind: str, grammars: bool = False) -> li
             caps.append("reasoning")
         if grammars:
             caps.append("grammar-constrained")
-    if kind == "embedding":
-        caps.append("embeddings")
     return caps

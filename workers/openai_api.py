@@ -12,8 +12,8 @@ import base64
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -21,9 +21,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import protocol as p
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .outcome import Finished, Intake
+from .runner import DeltaPump, Execution
+from .surface import Serving
 
 OPENAI_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "stop", "seed", "grammar")
 
@@ -33,23 +33,19 @@ def error(status: int, type_: str, message: str) -> JSONResponse:
                         status_code=status)
 
 
-class Gate:
-    """Counts HTTP requests in progress; refuses the ones past capacity."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.active = 0
+Chunk = Callable[[str | None, str | None], dict[str, Any]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
-def routes(worker: Worker) -> list[Route]:
+def routes(worker: Serving) -> list[Route]:
     s = worker.settings
-    gate = Gate(s.worker_concurrency + s.http_queue_limit)
-    worker.http_gate = gate
+    spec = p.KINDS[s.model_kind]
+    gate = worker.gate
 
     def refuse() -> JSONResponse | None:
         if worker.status != "online" or worker.runner is None:
             return error(503, "unavailable", f"the worker is {worker.status}; retry in a moment")
-        if gate.active >= gate.capacity:
+        if gate.full:
             return error(429, "rate_limited", f"{gate.active} HTTP requests are already running or waiting "
                          f"(limit {gate.capacity}); retry later")
         return None
@@ -68,24 +64,25 @@ def routes(worker: Worker) -> list[Route]:
         return body
 
     async def run(req: p.InferenceRequest | p.EmbeddingRequest, raw: dict[str, Any],
-                  on_delta: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
-        assert worker.runner is not None
+                  on_delta: Callable[[str], None] | None = None) -> Any:
+        """Run on the shared runner, log it with source=http, count it; the response body."""
+        runner = worker.runner
+        if runner is None:
+            raise p.BadRequest("unavailable", f"the worker is {worker.status}; retry in a moment", status=503)
         req_id = req.req_id or p.new_req_id()
-        row: dict[str, Any] = dict(req_id=req_id, worker_id=s.worker_id, source="http", raw_input=json.dumps(raw),
-                                   deliveries=1, queue_ms=0.0)
+        intake = Intake(req_id=req_id, worker_id=s.worker_id, source="http", raw_input=json.dumps(raw))
         gate.active += 1
         try:
-            out = await worker.runner.execute(req, req_id, row, on_delta=on_delta)
+            done: Execution = await runner.execute(req, req_id, on_delta=on_delta)
         except p.BadRequest as e:
-            worker.record(dict(row, finish_reason="error", status="rejected",
-                               error=f"{e.status} {e.type}: {e.message}"))
+            worker.ledger.record(Finished.refused(intake, e))
             raise
         finally:
             gate.active -= 1
-        worker.record(dict(row, status="cancelled" if row.get("finish_reason") == "cancelled" else "ok"))
-        return out, row
+        worker.ledger.record(Finished.ok(intake, done.facts))
+        return done.body
 
-    def handler(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    def handler(fn: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
             if (refused := refuse()) is not None:
                 return refused
@@ -98,28 +95,36 @@ def routes(worker: Worker) -> list[Route]:
                 return error(400, "invalid_request", f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
         return wrapped
 
+    def wrong_kind(route: str) -> p.BadRequest:
+        return p.BadRequest("wrong_model_kind", f"{s.model_name} is a {s.model_kind} model and does not serve "
+                            f"{route}; use {spec.http_route}", status=404)
+
     def inference_request(body: dict[str, Any], **extra: Any) -> p.InferenceRequest:
-        if s.model_kind != "inference":
-            raise p.BadRequest("wrong_model_kind", f"{s.model_name} is an embedding model; use /v1/embeddings",
-                               status=404)
+        if not spec.generates:
+            raise wrong_kind("text generation")
         params = {k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None}
         req = p.InferenceRequest.model_validate({"params": params, "stream": bool(body.get("stream")), **extra})
         req.check()
         return req
 
-    def streamed(req: p.InferenceRequest, raw: dict[str, Any], chunk: Callable[[str | None, str | None], dict],
-                 final: Callable[[p.InferenceResponse], list[dict]]) -> StreamingResponse:
-        """Server-sent events: one event per piece, then the final event(s), then `[DONE]`."""
-        loop = asyncio.get_running_loop()
+    def streamed(req: p.InferenceRequest, raw: dict[str, Any], chunk: Chunk,
+                 final: Callable[[p.InferenceResponse], list[dict[str, Any]]]) -> StreamingResponse:
+        """Server-sent events: one event per piece, then the final event(s), then `[DONE]`. The pieces come
+        from the generation thread through the runner's DeltaPump, as they do for NATS streams."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        req.req_id = req.req_id or p.new_req_id()
+        req_id = req.req_id = req.req_id or p.new_req_id()
+
+        async def put(_index: int, delta: str) -> None:
+            queue.put_nowait(delta)
 
         async def produce() -> p.InferenceResponse:
+            pump = DeltaPump(put)
             try:
-                out, _ = await run(req, raw, on_delta=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+                out: p.InferenceResponse = await run(req, raw, on_delta=pump.push)
                 return out
             finally:
-                loop.call_soon(queue.put_nowait, None)
+                await pump.close()
+                queue.put_nowait(None)
 
         async def events() -> AsyncIterator[str]:
             task = asyncio.create_task(produce())
@@ -139,7 +144,8 @@ def routes(worker: Worker) -> list[Route]:
                 yield "data: [DONE]\n\n"
             finally:
                 if not task.done():  # the client went away: stop generating for nobody
-                    worker.runner.cancel(req.req_id or "")  # type: ignore[union-attr]
+                    if worker.runner is not None:
+                        worker.runner.cancel(req_id)
                     await asyncio.gather(task, return_exceptions=True)
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -158,7 +164,7 @@ def routes(worker: Worker) -> list[Route]:
             if req.stream:
                 return streamed(req, body, lambda d, _f: {"req_id": req.req_id, "delta": d} if d else {},
                                 lambda out: [json.loads(p.dumps(out.model_copy(update={"done": True})))])
-            out, _ = await run(req, body)
+            out = await run(req, body)
             return Response(p.dumps(out), media_type="application/json")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -168,7 +174,7 @@ def routes(worker: Worker) -> list[Route]:
         req = inference_request(body, input=prompt, raw=True)
         cid, created = f"cmpl-{p.new_req_id()}", int(time.time())
 
-        def text_chunk(text: str | None, finish: str | None) -> dict:
+        def text_chunk(text: str | None, finish: str | None) -> dict[str, Any]:
             if text is None and finish is None:
                 return {}
             return {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
@@ -176,7 +182,7 @@ def routes(worker: Worker) -> list[Route]:
 
         if req.stream:
             return streamed(req, body, text_chunk, lambda out: [text_chunk("", out.finish_reason)])
-        out, _ = await run(req, body)
+        out = await run(req, body)
         return JSONResponse({**text_chunk(out.text, out.finish_reason), "usage": usage(out)})
 
     @handler
@@ -186,7 +192,7 @@ def routes(worker: Worker) -> list[Route]:
         req = inference_request(body, messages=messages)
         cid, created = f"chatcmpl-{p.new_req_id()}", int(time.time())
 
-        def chat_chunk(text: str | None, finish: str | None) -> dict:
+        def chat_chunk(text: str | None, finish: str | None) -> dict[str, Any]:
             delta = {"role": "assistant", "content": ""} if text is None and finish is None else (
                 {"content": text} if text else {})
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": s.model_name,
@@ -195,7 +201,7 @@ def routes(worker: Worker) -> list[Route]:
         if req.stream:
             return streamed(req, body, chat_chunk, lambda out: [chat_chunk(None, out.finish_reason) | {
                 "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]}])
-        out, _ = await run(req, body)
+        out = await run(req, body)
         message: dict[str, Any] = {"role": "assistant", "content": out.text}
         if out.reasoning is not None:
             message["reasoning_content"] = out.reasoning
@@ -206,11 +212,11 @@ def routes(worker: Worker) -> list[Route]:
     @handler
     async def embeddings(request: Request) -> Response:
         body = await body_of(request)
-        if s.model_kind != "embedding":
-            raise p.BadRequest("wrong_model_kind", f"{s.model_name} is not an embedding model", status=404)
+        if spec.response is not p.EmbeddingResponse:
+            raise wrong_kind("/v1/embeddings")
         req = p.EmbeddingRequest.model_validate({"input": body.get("input"), "model": body.get("model")})
         req.check()
-        out, _ = await run(req, body)
+        out = await run(req, body)
         data = [{"object": "embedding", "index": d.index,
                  "embedding": _b64(d.embedding) if body.get("encoding_format") == "base64" else d.embedding}
                 for d in out.data]
@@ -219,7 +225,7 @@ def routes(worker: Worker) -> list[Route]:
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{
             "id": s.model_name, "object": "model", "created": int(worker.started_at), "owned_by": "nats-llm-fleet",
-            "kind": s.model_kind, "capabilities": worker.capabilities, "model_info": worker.model_info}]})
+            "kind": s.model_kind, "capabilities": worker.card.capabilities, "model_info": worker.card.model_info}]})
 
     return [
         Route("/v1/completions", completions, methods=["POST"]),

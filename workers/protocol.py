@@ -10,6 +10,7 @@ import json
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 VERSION = "0.1.0"
 
 Kind = Literal["inference", "embedding"]
+Level = Literal["healthy", "warning", "critical"]
+WorkerStatus = Literal["starting", "online", "draining", "stopping"]
+FinishReason = Literal["stop", "length", "error", "cancelled"]
 
 # --- subjects --------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class InferenceResponse(_Message):
     text: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
-    finish_reason: Literal["stop", "length", "error", "cancelled"] = "stop"
+    finish_reason: FinishReason = "stop"
     duration_ms: float = 0.0
     queue_ms: float = 0.0
     worker_id: str = ""
@@ -222,7 +226,7 @@ class QueueMetrics(_Message):
 
 
 class Backpressure(_Message):
-    level: Literal["healthy", "warning", "critical"]
+    level: Level
     utilization: float
 
 
@@ -232,7 +236,7 @@ class Health(_Message):
     model_name: str
     worker_id: str
     kind: Kind
-    status: Literal["starting", "online", "draining", "stopping"]
+    status: WorkerStatus
     capabilities: list[str]
     endpoint: str | None = None
     nats_topic: str
@@ -253,12 +257,12 @@ class BackpressureReport(_Message):
     active_processing: int
     queue_capacity: int
     utilization: float
-    status: Literal["healthy", "warning", "critical"]
+    status: Level
     worker_count: int
     timestamp: float
 
 
-def backpressure_level(utilization: float, warning: float = 0.5, critical: float = 0.8) -> str:
+def backpressure_level(utilization: float, warning: float = 0.5, critical: float = 0.8) -> Level:
     """THE mapping from queue utilization to a level; heartbeat, report, metrics and monitor all use it."""
     if utilization >= critical:
         return "critical"
@@ -291,15 +295,48 @@ def parse_request(kind: Kind, data: bytes) -> InferenceRequest | EmbeddingReques
         raise BadRequest("invalid_json", f"body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
     if not isinstance(obj, dict):
         raise BadRequest("invalid_request", "body must be a JSON object such as {\"input\": \"Hello\"}")
-    cls = InferenceRequest if kind == "inference" else EmbeddingRequest
     try:
-        req = cls.model_validate(obj)
+        req = KINDS[kind].request.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise BadRequest("invalid_request", f"{where}: {err['msg']}") from None
     req.check()
     return req
+
+
+# --- model kinds ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a model kind means everywhere: its messages, its error reply, what it advertises and serves.
+
+    Parsing, replies, capabilities, the engine and the HTTP guards read this table; adding a kind
+    means adding a row here (and teaching the engine to run it), not another `if kind == ...`.
+    """
+
+    request: type[InferenceRequest] | type[EmbeddingRequest]
+    response: type[InferenceResponse] | type[EmbeddingResponse]
+    capability: str  # the capability every worker of this kind advertises (encoders may drop it, see modelinfo)
+    generates: bool  # produces text: prompt formats, grammars, streaming and cancel apply
+    http_route: str  # the OpenAI route that serves it, named in "wrong kind" errors
+
+    def error_response(self, req_id: str, model: str, worker_id: str, err: ErrorBody,
+                       finish_reason: FinishReason = "error") -> InferenceResponse | EmbeddingResponse:
+        """The reply a caller gets when this kind's request fails: the kind's own response shape plus `error`."""
+        if self.response is InferenceResponse:
+            return InferenceResponse(req_id=req_id, model=model, worker_id=worker_id, error=err,
+                                     finish_reason=finish_reason)
+        return EmbeddingResponse(req_id=req_id, model=model, worker_id=worker_id, error=err)
+
+
+KINDS: dict[Kind, KindSpec] = {
+    "inference": KindSpec(request=InferenceRequest, response=InferenceResponse, capability="text-generation",
+                          generates=True, http_route="/v1/chat/completions"),
+    "embedding": KindSpec(request=EmbeddingRequest, response=EmbeddingResponse, capability="embeddings",
+                          generates=False, http_route="/v1/embeddings"),
+}
 
 
 def error_body(status: int, type_: str, message: str) -> ErrorBody:

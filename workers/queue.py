@@ -1,4 +1,4 @@
-"""The durable queue between callers and workers (DESIGN §4).
+"""The durable queue between callers and workers (docs/architecture.md, "The request path").
 
 Ingress: each worker queue-subscribes the public request subject and copies every request,
 with the caller's inbox and a deadline in headers, into a WorkQueue stream, replying only on
@@ -26,13 +26,14 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from . import protocol as p
 from .config import Settings
+from .outcome import Finished, Intake
 from .store import Store
 
-Record = Callable[[dict[str, Any]], None]  # writes a finished request's row (log + metrics + counters)
+Record = Callable[[Finished], None]  # Ledger.record: log row, metrics, totals
 
 ERR_MAX_PER_SUBJECT = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded"
 
@@ -97,14 +98,11 @@ class Replier:
         self.settings = settings
 
     def error(self, req_id: str, status: int, type_: str, message: str,
-              finish_reason: str = "error") -> tuple[bytes, dict[str, str]]:
+              finish_reason: p.FinishReason = "error") -> tuple[bytes, dict[str, str]]:
+        """An error reply in the model kind's response shape, with the ADR-32 error headers."""
+        s = self.settings
         err = p.error_body(status, type_, message)
-        model, worker = self.settings.model_name, self.settings.worker_id
-        if self.settings.model_kind == "embedding":
-            body: Any = p.EmbeddingResponse(req_id=req_id, model=model, worker_id=worker, error=err)
-        else:
-            body = p.InferenceResponse(req_id=req_id, model=model, worker_id=worker, error=err,
-                                       finish_reason=finish_reason)  # type: ignore[arg-type]
+        body = p.KINDS[s.model_kind].error_response(req_id, s.model_name, s.worker_id, err, finish_reason)
         return p.dumps(body), p.error_headers(err)
 
     async def send(self, targets: list[str], data: bytes, headers: dict[str, str] | None = None,
@@ -187,7 +185,7 @@ class Ingress:
             else:
                 await self._reject(msg, req_id, payload_reply, 503, "queue_unavailable",
                                    f"JetStream refused the request ({e.description}); retry later")
-        except (NoRespondersError, NatsTimeoutError, TimeoutError):
+        except (NoRespondersError, NoStreamResponseError, NatsTimeoutError, TimeoutError):
             await self._reject(msg, req_id, payload_reply, 503, "queue_unavailable",
                                "JetStream is not available; retry in a few seconds")
 
@@ -196,11 +194,9 @@ class Ingress:
         req_id = req_id or _req_id_guess(msg.data)
         data, headers = self.replier.error(req_id, status, type_, message)
         await self.replier.send(reply_targets(msg.reply, payload_reply), data, headers, req_id)
-        self.record(dict(
-            req_id=req_id, worker_id=self.settings.worker_id, source="nats",
-            raw_input=msg.data[:4096].decode(errors="replace"), finish_reason="error", deliveries=0,
-            status="rejected", error=f"{status} {type_}: {message}",
-        ))
+        intake = Intake(req_id=req_id, worker_id=self.settings.worker_id,
+                        raw_input=msg.data[:4096].decode(errors="replace"), deliveries=0)
+        self.record(Finished.refused(intake, p.BadRequest(type_, message, status)))
 
 
 class DeadLetters:
@@ -247,11 +243,9 @@ class DeadLetters:
             await self.js.delete_msg(p.STREAM_NAME, seq)
         except NotFoundError:
             pass
-        self.record(dict(
-            req_id=req_id, worker_id=self.settings.worker_id, source="nats",
-            raw_input=(stored.data or b"")[:4096].decode(errors="replace"), finish_reason="error",
-            deliveries=deliveries, status="dead_letter", error=f"500 dead_letter: {message}",
-        ))
+        intake = Intake(req_id=req_id, worker_id=self.settings.worker_id, trace_id=headers.get(p.H_TRACE_ID),
+                        raw_input=(stored.data or b"")[:4096].decode(errors="replace"), deliveries=deliveries)
+        self.record(Finished.dead_letter(intake, message))
         self.store.event("request.dead_letter", message, level="error", req_id=req_id, stream_seq=seq)
 
 

@@ -6,27 +6,38 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from . import protocol as p
-from .config import Settings
 from .engine import Engine
+from .formats import PromptFormat, format_prompt
 from .grammars import GrammarStore
-from .prompts import Harmony, Renderer, Template, format_prompt, parse_harmony
+from .outcome import RunFacts
 
 MAX_REMEMBERED_CANCELS = 10_000
 CANCEL_MEMORY_S = 3600.0
+
+Request = p.InferenceRequest | p.EmbeddingRequest
+Response = p.InferenceResponse | p.EmbeddingResponse
+
+
+@dataclass(frozen=True)
+class Execution:
+    """A request's answer and what running it produced (for the log and the metrics)."""
+
+    body: Response
+    facts: RunFacts
 
 
 class Runner:
     """Executes requests and keeps track of which ones are running, so they can be cancelled."""
 
-    def __init__(self, settings: Settings, engine: Engine, formatter: Template | Renderer | None,
+    def __init__(self, *, model_name: str, worker_id: str, engine: Engine, fmt: PromptFormat | None,
                  grammars: GrammarStore | None) -> None:
-        self.settings = settings
+        self.model_name, self.worker_id = model_name, worker_id
         self.engine = engine
-        self.formatter = formatter
+        self.fmt = fmt  # None for kinds that do not generate text
         self.grammars = grammars
         self.running: dict[str, threading.Event] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # queued requests whose caller cancelled
@@ -51,49 +62,60 @@ class Runner:
 
     # --- execute ---------------------------------------------------------------------
 
-    async def execute(self, req: p.InferenceRequest | p.EmbeddingRequest, req_id: str, row: dict[str, Any],
-                      on_delta: Callable[[str], None] | None = None) -> p.InferenceResponse | p.EmbeddingResponse:
-        """Run the request; fills `row` (the log row) as it goes. Raises BadRequest for input the model refuses."""
-        s = self.settings
-        t0 = time.perf_counter()
+    async def execute(self, req: Request, req_id: str, *, queue_ms: float = 0.0,
+                      on_delta: Callable[[str], None] | None = None) -> Execution:
+        """Run the request. Raises BadRequest for input the model refuses."""
         if isinstance(req, p.EmbeddingRequest):
-            emb = await self.engine.embed(req.texts())
-            dur = (time.perf_counter() - t0) * 1000
-            row.update(tokens_in=emb.tokens, dur_ms=dur, finish_reason="stop",
-                       response_text=f"{len(emb.vectors)} vector(s) of {len(emb.vectors[0])}")
-            return p.EmbeddingResponse(
-                data=[p.EmbeddingItem(embedding=v, index=i) for i, v in enumerate(emb.vectors)],
-                model=req.model or s.model_name, usage=p.Usage(prompt_tokens=emb.tokens, total_tokens=emb.tokens),
-                req_id=req_id, duration_ms=round(dur, 2), queue_ms=row.get("queue_ms", 0.0), worker_id=s.worker_id,
-            )
-        prompt = format_prompt(req, self.formatter)
+            return await self._embed(req, req_id, queue_ms)
+        return await self._complete(req, req_id, queue_ms, on_delta)
+
+    async def _embed(self, req: p.EmbeddingRequest, req_id: str, queue_ms: float) -> Execution:
+        t0 = time.perf_counter()
+        emb = await self.engine.embed(req.texts())
+        dur = (time.perf_counter() - t0) * 1000
+        body = p.EmbeddingResponse(
+            data=[p.EmbeddingItem(embedding=v, index=i) for i, v in enumerate(emb.vectors)],
+            model=req.model or self.model_name, usage=p.Usage(prompt_tokens=emb.tokens, total_tokens=emb.tokens),
+            req_id=req_id, duration_ms=round(dur, 2), queue_ms=queue_ms, worker_id=self.worker_id,
+        )
+        facts = RunFacts(tokens_in=emb.tokens, dur_ms=dur, finish_reason="stop",
+                         response_text=f"{len(emb.vectors)} vector(s) of {len(emb.vectors[0])}")
+        return Execution(body, facts)
+
+    async def _complete(self, req: p.InferenceRequest, req_id: str, queue_ms: float,
+                        on_delta: Callable[[str], None] | None) -> Execution:
+        if self.fmt is None:
+            raise p.BadRequest("wrong_model_kind", f"{self.model_name} does not generate text", status=404)
+        t0 = time.perf_counter()
+        prompt = format_prompt(req, self.fmt)
         grammar = self.grammars.resolve(req.params.grammar) if (req.params.grammar and self.grammars) else None
-        row.update(formatted_input=prompt, params_json=req.params.model_dump_json(exclude_none=True),
-                   grammar=req.params.grammar)
         cancel = threading.Event()
         self.running[req_id] = cancel
         try:
-            out = await self.engine.complete(prompt, req.params, grammar=grammar, on_delta=on_delta, cancel=cancel)
+            out = await self.engine.complete(prompt, req.params, stop=self.fmt.stop, grammar=grammar,
+                                             on_delta=on_delta, cancel=cancel)
         finally:
             self.running.pop(req_id, None)
-        text, reasoning = out.text, None
-        if isinstance(self.formatter, Harmony) and not req.raw:
-            text, reasoning = parse_harmony(out.text)
+        text, reasoning = (out.text, None) if req.raw else self.fmt.parse(out.text)
         dur = (time.perf_counter() - t0) * 1000
-        row.update(response_text=text if reasoning is None else f"{text}\n[reasoning] {reasoning}",
-                   tokens_in=out.tokens_in, tokens_out=out.tokens_out, ttft_ms=out.ttft_ms, dur_ms=dur,
-                   finish_reason=out.finish_reason)
-        return p.InferenceResponse(
-            req_id=req_id, model=s.model_name, text=text, tokens_in=out.tokens_in, tokens_out=out.tokens_out,
-            finish_reason=out.finish_reason,  # type: ignore[arg-type]
-            duration_ms=round(dur, 2), queue_ms=row.get("queue_ms", 0.0), worker_id=s.worker_id, reasoning=reasoning,
+        body = p.InferenceResponse(
+            req_id=req_id, model=self.model_name, text=text, tokens_in=out.tokens_in, tokens_out=out.tokens_out,
+            finish_reason=out.finish_reason, duration_ms=round(dur, 2), queue_ms=queue_ms, worker_id=self.worker_id,
+            reasoning=reasoning,
         )
+        facts = RunFacts(
+            formatted_input=prompt, params_json=req.params.model_dump_json(exclude_none=True),
+            grammar=req.params.grammar, response_text=text if reasoning is None else f"{text}\n[reasoning] {reasoning}",
+            tokens_in=out.tokens_in, tokens_out=out.tokens_out, ttft_ms=out.ttft_ms, dur_ms=dur,
+            finish_reason=out.finish_reason,
+        )
+        return Execution(body, facts)
 
 
 class DeltaPump:
     """Carries text pieces from the generation thread to an async publisher, in order."""
 
-    def __init__(self, publish: Callable[[int, str], Any]) -> None:
+    def __init__(self, publish: Callable[[int, str], Awaitable[None]]) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._publish = publish

@@ -1,7 +1,8 @@
-"""The worker's SQLite log (DESIGN §7): one `requests` row per request, `events` for the lifecycle.
+"""The worker's SQLite log (docs/architecture.md, "Storage"): one `requests` row per request, `events`
+for the lifecycle.
 
 Writes go through a bounded in-memory queue drained by one writer task, so the request path
-never waits on the disk. A row that cannot be queued or written is reported on stderr and
+never waits on the disk. A row that cannot be queued or written is logged as an error and
 counted (`dropped`), never silently lost.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ _INSERT_REQUEST = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})"
 )
 _INSERT_EVENT = "INSERT INTO events (ts, level, code, msg, meta) VALUES (?, ?, ?, ?, ?)"
+log = logging.getLogger(__name__)
 
 
 class Store:
@@ -92,8 +94,7 @@ class Store:
             self._queue.put_nowait((sql, args))
         except asyncio.QueueFull:
             self.dropped += 1
-            print(f"store: log queue full, dropped a row for {self.path.name} ({self.dropped} so far)",
-                  file=sys.stderr)
+            log.error("store: log queue full, dropped a row for %s (%d so far)", self.path.name, self.dropped)
 
     async def _write_loop(self) -> None:
         assert self._db is not None
@@ -111,7 +112,7 @@ class Store:
                 await self._db.commit()
             except Exception as e:  # the log must never take the worker down
                 self.dropped += len(rows)
-                print(f"store: writing {len(rows)} rows to {self.path} failed: {e}", file=sys.stderr)
+                log.error("store: writing %d rows to %s failed: %s", len(rows), self.path, e)
             if time.monotonic() - last_prune > 3600:
                 await self.prune()
                 last_prune = time.monotonic()
@@ -136,7 +137,7 @@ class Store:
                 )
             await self._db.commit()
         except Exception as e:
-            print(f"store: pruning {self.path} failed: {e}", file=sys.stderr)
+            log.error("store: pruning %s failed: %s", self.path, e)
 
 
 def read_recent(path: Path, table: str, limit: int = 20) -> list[dict[str, Any]]:

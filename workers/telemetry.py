@@ -18,17 +18,22 @@ from nats.js import JetStreamContext
 from . import protocol as p
 from .config import Settings
 from .metrics import Metrics
+from .outcome import Ledger
 from .store import Store
+from .surface import ModelCard
 
 
 class WorkerState(Protocol):
-    status: str
+    """What telemetry reads of the worker."""
+
     started_at: float
-    total_processed: int
-    total_failed: int
-    last_processed_at: float | None
-    model_info: dict[str, Any]
-    capabilities: list[str]
+    ledger: Ledger  # the totals
+
+    @property
+    def status(self) -> p.WorkerStatus: ...
+
+    @property
+    def card(self) -> ModelCard: ...
 
     @property
     def active(self) -> int: ...
@@ -71,7 +76,7 @@ class Telemetry:
         return round(self.depth / self.settings.queue_max_per_model, 4)
 
     @property
-    def level(self) -> str:
+    def level(self) -> p.Level:
         s = self.settings
         return p.backpressure_level(self.utilization, s.backpressure_warning, s.backpressure_critical)
 
@@ -95,15 +100,16 @@ class Telemetry:
         host, port = s.http_host_port or ("", 0)
         endpoint = f"http://{_public_host(host)}:{port}" if port else None
         return p.Health(
-            model_name=s.model_name, worker_id=s.worker_id, kind=s.model_kind, status=st.status,  # type: ignore
-            capabilities=st.capabilities, endpoint=endpoint,
-            nats_topic=p.request_subject(s.model_kind, s.model_name), version=p.VERSION, model_info=st.model_info,
+            model_name=s.model_name, worker_id=s.worker_id, kind=s.model_kind, status=st.status,
+            capabilities=st.card.capabilities, endpoint=endpoint,
+            nats_topic=p.request_subject(s.model_kind, s.model_name), version=p.VERSION,
+            model_info=st.card.model_info,
             queue_metrics=p.QueueMetrics(
                 pending_messages=self.depth, active_processing=st.active, queue_capacity=s.queue_max_per_model,
-                total_processed=st.total_processed, total_failed=st.total_failed,
-                last_processed_at=st.last_processed_at,
+                total_processed=st.ledger.total_processed, total_failed=st.ledger.total_failed,
+                last_processed_at=st.ledger.last_processed_at,
             ),
-            backpressure_status=p.Backpressure(level=self.level, utilization=self.utilization),  # type: ignore
+            backpressure_status=p.Backpressure(level=self.level, utilization=self.utilization),
             started_at=st.started_at, uptime_s=round(time.time() - st.started_at, 3),
             heartbeat_interval_s=s.heartbeat_interval, seq=self.seq,
         )
@@ -113,15 +119,15 @@ class Telemetry:
         return p.BackpressureReport(
             model_name=s.model_name, worker_id=s.worker_id, pending_messages=self.depth,
             active_processing=self.state.active, queue_capacity=s.queue_max_per_model,
-            utilization=self.utilization, status=self.level, worker_count=self.worker_count,  # type: ignore
+            utilization=self.utilization, status=self.level, worker_count=self.worker_count,
             timestamp=time.time(),
         )
 
     def stats_data(self, _endpoint_stats: Any = None) -> dict[str, Any]:
         """The `data` of `$SRV.STATS`: the cached queue depth and this instance's totals."""
         st = self.state
-        return {"queue_depth": self.depth, "active": st.active, "processed": st.total_processed,
-                "failed": st.total_failed, "level": self.level, "status": st.status}
+        return {"queue_depth": self.depth, "active": st.active, "processed": st.ledger.total_processed,
+                "failed": st.ledger.total_failed, "level": self.level, "status": st.status}
 
     # --- publishing -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,14 +20,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .. import discovery
+from .. import protocol as p
+from ..config import ROOT, ConfigError, Settings, available_workers, load_settings
+from ..connection import NatsUnavailable, connect
+from ..logsetup import setup_logging
+from ..modelfile import model_path
 from . import broker
-from . import protocol as p
-from .config import ROOT, ConfigError, Settings, available_workers, load_settings
-from .modelfile import model_path
 
 RUN = ROOT / "data" / "run"
 console = Console() if sys.stdout.isatty() else Console(width=160)  # pipes and CI logs get full rows
-err = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
 # --- pid files ----------------------------------------------------------------------
@@ -51,6 +55,10 @@ def _recorded(name: str) -> list[tuple[Path, int, list[str]]]:
         except (ValueError, KeyError):
             f.unlink(missing_ok=True)
     return out
+
+
+def _argv(proc: subprocess.Popen[bytes]) -> list[str]:
+    return [str(a) for a in proc.args] if isinstance(proc.args, list) else [str(proc.args)]
 
 
 def _alive_as(pid: int, argv: list[str]) -> bool:
@@ -85,7 +93,7 @@ def ensure_nats(url: str) -> None:
     log = RUN / "nats.log"
     RUN.mkdir(parents=True, exist_ok=True)
     proc = broker.start(port, ROOT / "data" / "nats", host=host, log_file=log)
-    _record("nats", proc.pid, proc.args)  # type: ignore[arg-type]
+    _record("nats", proc.pid, _argv(proc))
     console.print(f"NATS: nothing answered at {url}; started embedded nats-server (pid {proc.pid}, "
                   f"JetStream store data/nats/, log {log.relative_to(ROOT)})")
 
@@ -102,20 +110,14 @@ def start_background(name: str, argv: list[str] | None = None, env: dict[str, st
 
 
 async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    import nats
-
-    nc = await nats.connect(settings.nats_url, connect_timeout=2, max_reconnect_attempts=1)
+    """Until an instance of the worker answers health with `online`; False on timeout or when `proc` exits."""
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                msg = await nc.request(p.health_subject(settings.model_name), b"", timeout=1)
-                if json.loads(msg.data).get("status") == "online":
-                    return True
-            except Exception:
-                pass
-            await asyncio.sleep(0.5)
+        nc = await connect(settings.nats_url, name="fleet", timeout=10)
+    except NatsUnavailable:
         return False
+    try:
+        return await discovery.wait_online(nc, settings.model_name, timeout=timeout, alive=lambda: proc.poll() is None,
+                                           interval=0.5)
     finally:
         await nc.close()
 
@@ -205,11 +207,11 @@ def list_workers() -> int:
 
 
 def logs(name: str, limit: int) -> int:
-    from .store import read_recent
+    from ..store import read_recent
 
     s = load_settings(name)
     if not s.log_path.exists():
-        err.print(f"no log yet at {s.log_path}; start the worker with `make start WORKER={name}`")
+        log.error("no log yet at %s; start the worker with `make start WORKER=%s`", s.log_path, name)
         return 1
     req = Table(title=f"{name}: last {limit} requests")
     for col in ("time", "req_id", "status", "finish", "in/out", "queue ms", "ms", "input", "output / error"):
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("name")
     lg.add_argument("-n", "--limit", type=int, default=15)
     args = ap.parse_args(argv)
+    setup_logging()
     try:
         if args.cmd == "nats":
             ensure_nats(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             return list_workers()
         return logs(args.name, args.limit)
     except (ConfigError, broker.BrokerError) as e:
-        err.print(f"error: {e}")
+        log.error("error: %s", e)
         return 1
 
 

@@ -1,0 +1,181 @@
+"""One JetStream message's whole life, and the pull loop that feeds them in.
+
+Pull from the model's durable consumer with at most WORKER_CONCURRENCY in flight. For each message:
+check the caller's deadline, parse, run (keeping the message alive and streaming pieces if asked),
+then leave through one exit (`_settle`): reply and ack, give it back for another try, or hand it
+back at once when a drain ran out of time; and record the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from . import protocol as p
+from .config import Settings
+from .metrics import Metrics
+from .outcome import Finished, Intake, Ledger
+from .queue import Replier, reply_targets
+from .runner import DeltaPump, Execution, Request, Runner
+from .store import Store
+
+FETCH_WAIT_S = 5.0
+ABORT_WAIT_S = 30.0
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    def __init__(self, psub: JetStreamContext.PullSubscription, *, settings: Settings, runner: Runner,
+                 replier: Replier, ledger: Ledger, store: Store, metrics: Metrics) -> None:
+        self.psub, self.settings, self.runner, self.replier = psub, settings, runner, replier
+        self.ledger, self.store, self.metrics = ledger, store, metrics
+        self.in_flight: dict[asyncio.Task[None], Msg] = {}
+        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.aborted = False  # set when a drain runs out of time: whatever is running goes back to the queue
+        self._pull: asyncio.Task[None] | None = None
+
+    # --- the pull loop ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._pull = asyncio.create_task(self._pull_loop(), name="pull")
+
+    async def stop_pulling(self) -> None:
+        if self._pull is not None:
+            self._pull.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pull
+            self._pull = None
+
+    async def drain(self, timeout: float, abort: Callable[[], None]) -> None:
+        """Stop pulling, let in-flight requests finish for up to `timeout`, then abort and hand back the rest."""
+        await self.stop_pulling()
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=timeout)
+        if self.in_flight:
+            # Out of time: stop the generations and hand the messages back now (not after ack_wait),
+            # so another worker takes them. The threads must finish before the contexts are freed.
+            self.aborted = True
+            abort()
+            await asyncio.wait(list(self.in_flight), timeout=ABORT_WAIT_S)
+
+    async def _pull_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            await self.slots.acquire()
+            try:
+                msgs = await self.psub.fetch(1, timeout=FETCH_WAIT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                self.slots.release()
+                continue
+            except asyncio.CancelledError:
+                self.slots.release()
+                raise
+            except Exception as e:  # disconnected, JetStream restarting: wait and retry
+                self.slots.release()
+                self.store.event("queue.fetch_failed", str(e) or type(e).__name__, level="warning")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            task = asyncio.create_task(self.handle(msgs[0]))
+            self.in_flight[task] = msgs[0]
+            self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.pop(task, None)
+        self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker: request task failed: %r", task.exception())
+
+    # --- one message -------------------------------------------------------------------------
+
+    async def handle(self, msg: Msg) -> None:
+        s = self.settings
+        h = msg.headers or {}
+        start = p.now_ms()
+        req_id = h.get(p.H_REQ_ID) or p.new_req_id()
+        enqueued = _int(h.get(p.H_ENQUEUED_AT), start)
+        deadline = _int(h.get(p.H_DEADLINE), enqueued + s.default_timeout_ms)
+        intake = Intake(req_id=req_id, worker_id=s.worker_id, trace_id=h.get(p.H_TRACE_ID),
+                        raw_input=msg.data.decode(errors="replace"), deliveries=msg.metadata.num_delivered or 1,
+                        queue_ms=float(start - enqueued))
+        targets = [h.get(p.H_REPLY_TO)]
+        reply: tuple[bytes, dict[str, str] | None] | None = None
+        try:
+            if start > deadline:
+                raise p.BadRequest("expired", f"the caller's deadline passed {start - deadline} ms before a worker "
+                                   "was free; the request was skipped", status=504)
+            req = p.parse_request(s.model_kind, msg.data)
+            targets.append(req.reply_to)
+            if self.runner.was_cancelled(req_id):
+                raise p.BadRequest("cancelled", "the caller cancelled the request before it ran", status=499)
+            done = await self._run(req, req_id, msg, intake, reply_targets(*targets))
+        except p.BadRequest as e:  # a real answer, even during a drain
+            finished = Finished.refused(intake, e, float(p.now_ms() - start))
+            reply = self.replier.error(req_id, e.status, e.type, e.message, finished.finish_reason or "error")
+        except Exception as e:
+            finished = (Finished.handed_back(intake) if self.aborted
+                        else Finished.failed(intake, e, float(p.now_ms() - start)))
+        else:  # an aborted generation is cut short: not an answer
+            finished = Finished.handed_back(intake) if self.aborted else Finished.ok(intake, done.facts)
+            reply = (p.dumps(done.body), None)
+        await self._settle(msg, finished, reply, reply_targets(*targets))
+
+    async def _settle(self, msg: Msg, finished: Finished, reply: tuple[bytes, dict[str, str] | None] | None,
+                      targets: list[str]) -> None:
+        """The one exit: answer and ack, or give the message back; then record how it ended."""
+        if finished.status == "handed_back":
+            await msg.nak()  # at once: another worker takes it
+        elif finished.status == "failed" or reply is None:
+            # Unexpected: another try after a pause; after max_deliver the dead-letter handler answers.
+            self.store.event("request.failed", finished.error or "", level="error", req_id=finished.intake.req_id,
+                             deliveries=finished.intake.deliveries)
+            await msg.nak(delay=1.0)
+        else:
+            data, headers = reply
+            await self.replier.send(targets, data, headers, finished.intake.req_id)
+            await msg.ack()
+        self.ledger.record(finished)
+
+    async def _run(self, req: Request, req_id: str, msg: Msg, intake: Intake, targets: list[str]) -> Execution:
+        """Run on the engine, keeping the JetStream message alive; stream pieces if the caller asked."""
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        pump: DeltaPump | None = None
+        if isinstance(req, p.InferenceRequest) and req.stream:
+            async def publish(index: int, delta: str) -> None:
+                await self.replier.send(targets, p.dumps(p.StreamChunk(req_id=req_id, index=index, delta=delta)))
+
+            pump = DeltaPump(publish)
+        try:
+            done = await self.runner.execute(req, req_id, queue_ms=intake.queue_ms,
+                                             on_delta=pump.push if pump else None)
+        finally:
+            keepalive.cancel()
+            if pump is not None:
+                await pump.close()
+        if pump is not None and isinstance(done.body, p.InferenceResponse):
+            done.body.done = True
+        return done
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream the message is still being worked on, well within ack_wait."""
+        interval = max(0.5, self.settings.queue_ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
