@@ -1,8 +1,8 @@
 """Monitor settings: typed defaults, overridden by the process environment.
 
 `NATS_URL=nats://10.0.0.5:4222 MONITOR_ADDR=127.0.0.1:9000 python -m monitor` works like the workers'
-settings do (the NATS and backpressure settings are the same classes, workers/settings.py); a bad value stops
-the monitor with one line naming the key (`ConfigError`).
+settings do (the NATS settings are the same class, workers/settings.py); a bad value stops the monitor with one
+line naming the key (`ConfigError`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from workers.settings import BackpressureSettings, ConfigError, NatsSettings, config_error, parse_addr
+from workers.settings import ConfigError, NatsSettings, config_error, parse_addr
 
 __all__ = ["ConfigError", "MonitorSettings", "load_settings"]
 
 
-class MonitorSettings(NatsSettings, BackpressureSettings):
+class MonitorSettings(NatsSettings):
     model_config = SettingsConfigDict(extra="ignore", validate_default=True)
 
     # NATS_URL: NatsSettings
@@ -43,8 +43,7 @@ class MonitorSettings(NatsSettings, BackpressureSettings):
     monitor_sse_ping: float = Field(default=15.0, gt=0)  # keep-alive comment on idle SSE streams
     monitor_sse_queue: int = Field(default=256, ge=8)  # events buffered per SSE client before it is dropped
 
-    # BACKPRESSURE_WARNING / BACKPRESSURE_CRITICAL (BackpressureSettings): used only when no worker has reported
-    # a level yet
+    # No backpressure thresholds here: every level the monitor shows is the one its worker computed and sent.
 
     @field_validator("monitor_addr")
     @classmethod

@@ -8,9 +8,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from workers import protocol as p
+
 from .registry import STATUS_ORDER, Registry
 
-LEVELS = ("healthy", "warning", "critical")
+LEVELS: tuple[p.Level, ...] = ("healthy", "warning", "critical")
 
 
 class FleetCollector(Collector):
@@ -34,37 +36,39 @@ class FleetCollector(Collector):
         failed = GaugeMetricFamily("fleet_requests_failed", "Requests failed by the listed instances",
                                    labels=["model"])
         for s in services:
-            name, qm = s["model_name"], s["queue_metrics"]
+            name, qm, bp = s.model_name, s.queue_metrics, s.backpressure_status
             counts = dict.fromkeys(STATUS_ORDER, 0)
-            for i in s["instances"]:
-                counts[i["status"]] = counts.get(i["status"], 0) + 1
+            for i in s.instances:
+                counts[i.status] += 1
             for status, n in counts.items():
                 instances.add_metric([name, status], n)
-            pending.add_metric([name], qm["pending_messages"])
-            capacity.add_metric([name], qm["queue_capacity"])
-            utilization.add_metric([name], s["backpressure_status"]["utilization"])
+            pending.add_metric([name], qm.pending_messages)
+            capacity.add_metric([name], qm.queue_capacity)
+            utilization.add_metric([name], bp.utilization)
             for lv in LEVELS:
-                level.add_metric([name, lv], 1 if s["backpressure_status"]["level"] == lv else 0)
-            active.add_metric([name], qm["active_processing"])
-            if s["requests_per_s"] is not None:
-                rate.add_metric([name], s["requests_per_s"])
-            processed.add_metric([name], qm["total_processed"])
-            failed.add_metric([name], qm["total_failed"])
+                level.add_metric([name, lv], 1 if bp.level == lv else 0)
+            active.add_metric([name], qm.active_processing)
+            if s.requests_per_s is not None:
+                rate.add_metric([name], s.requests_per_s)
+            processed.add_metric([name], qm.total_processed)
+            failed.add_metric([name], qm.total_failed)
         yield from (instances, pending, capacity, utilization, level, active, rate, processed, failed)
 
         stats = self.registry.stats()
-        yield GaugeMetricFamily("fleet_models", "Models known to the monitor", value=stats["models"])
-        yield GaugeMetricFamily("monitor_sse_clients", "Open server-sent-event streams", value=stats["sse_clients"])
+        yield GaugeMetricFamily("fleet_models", "Models known to the monitor", value=stats.models)
+        yield GaugeMetricFamily("monitor_sse_clients", "Open server-sent-event streams", value=stats.sse_clients)
         yield GaugeMetricFamily("monitor_nats_connected", "1 while the monitor is connected to NATS",
                                 value=1 if self.registry.nats_connected else 0)
         messages = CounterMetricFamily("monitor_messages", "Messages the monitor took in", labels=["kind"])
-        for kind in ("heartbeats", "reports", "health_replies", "invalid", "oversized"):
-            messages.add_metric([kind], stats[kind])
+        for kind, n in (("heartbeats", stats.heartbeats), ("reports", stats.reports),
+                        ("health_replies", stats.health_replies), ("invalid", stats.invalid),
+                        ("oversized", stats.oversized)):
+            messages.add_metric([kind], n)
         yield messages
         yield CounterMetricFamily("monitor_instances_evicted", "Instances dropped to stay within "
-                                  "MONITOR_MAX_INSTANCES", value=stats["evicted"])
+                                  "MONITOR_MAX_INSTANCES", value=stats.evicted)
         yield CounterMetricFamily("monitor_instances_purged", "Offline instances purged after PURGE_AFTER",
-                                  value=stats["purged"])
+                                  value=stats.purged)
 
 
 def render_metrics(registry: Registry) -> bytes:

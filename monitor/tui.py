@@ -12,36 +12,39 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from workers import protocol as p
+
 from .config import MonitorSettings
 from .feed import Feed, NatsUnavailable
 from .registry import STATUS_ORDER, Registry
+from .shapes import Liveness, ServiceEntry
 
-STATUS_STYLE = {"online": "green", "draining": "cyan", "starting": "cyan", "stale": "yellow", "offline": "red"}
-LEVEL_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
-LEVEL_ORDER = {"healthy": 0, "warning": 1, "critical": 2}
+STATUS_STYLE: dict[Liveness, str] = {"online": "green", "draining": "cyan", "starting": "cyan", "stale": "yellow",
+                                     "offline": "red"}
+LEVEL_STYLE: dict[p.Level, str] = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
+LEVEL_ORDER: dict[p.Level, int] = {"healthy": 0, "warning": 1, "critical": 2}
 # key -> (column label, sort key); pressing the same key again reverses the order
-SORTS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
-    "m": ("model", lambda s: s["model_name"]),
-    "s": ("status", lambda s: STATUS_ORDER.get(s["status"], 9)),
-    "i": ("inst", lambda s: s["online_count"]),
-    "d": ("queue", lambda s: s["queue_metrics"]["pending_messages"]),
-    "l": ("level", lambda s: LEVEL_ORDER.get(s["backpressure_status"]["level"], 9)),
-    "r": ("req/s", lambda s: s["requests_per_s"] or 0.0),
-    "t": ("last seen", lambda s: -s["last_seen"]),
+SORTS: dict[str, tuple[str, Callable[[ServiceEntry], str | float]]] = {
+    "m": ("model", lambda s: s.model_name),
+    "s": ("status", lambda s: STATUS_ORDER[s.status]),
+    "i": ("inst", lambda s: s.online_count),
+    "d": ("queue", lambda s: s.queue_metrics.pending_messages),
+    "l": ("level", lambda s: LEVEL_ORDER[s.backpressure_status.level]),
+    "r": ("req/s", lambda s: s.requests_per_s or 0.0),
+    "t": ("last seen", lambda s: -s.last_seen),
 }
 
 
-def queue_bar(pending: int, capacity: int, level: str, width: int = 16) -> Text:
+def queue_bar(pending: int, capacity: int, level: p.Level, width: int = 16) -> Text:
     share = min(1.0, pending / capacity) if capacity else 0.0
     filled = max(1, round(share * width)) if pending else 0
-    bar = Text("█" * filled, style=LEVEL_STYLE.get(level, "white"))
+    bar = Text("█" * filled, style=LEVEL_STYLE[level])
     bar.append("░" * (width - filled), style="grey35")
     bar.append(f" {pending}/{capacity}")
     return bar
@@ -64,7 +67,7 @@ def duration(s: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def table(services: list[dict[str, Any]], sort: str = "m", reverse: bool = False, expand: bool = True) -> Table:
+def table(services: list[ServiceEntry], sort: str = "m", reverse: bool = False, expand: bool = True) -> Table:
     """The fleet as one row per model (rows are Text, so wire strings never act as Rich markup)."""
     label, key = SORTS.get(sort, SORTS["m"])
     t = Table(expand=expand, header_style="bold", pad_edge=False, box=None, row_styles=["", "on grey11"])
@@ -73,29 +76,29 @@ def table(services: list[dict[str, Any]], sort: str = "m", reverse: bool = False
         t.add_column(col + mark, no_wrap=col != "model",
                      justify="right" if col in ("inst", "req/s", "done", "failed") else "left")
     for s in sorted(services, key=key, reverse=reverse):
-        q, bp = s["queue_metrics"], s["backpressure_status"]
+        q, bp = s.queue_metrics, s.backpressure_status
         t.add_row(
-            Text(s["model_name"], style="bold"), Text(s["kind"]),
-            Text(f"{s['online_count']}/{s['instance_count']}"),
-            Text(s["status"], style=STATUS_STYLE.get(s["status"], "")),
-            queue_bar(q["pending_messages"], q["queue_capacity"], bp["level"]),
-            Text(bp["level"], style=LEVEL_STYLE.get(bp["level"], "")),
-            Text("–" if s["requests_per_s"] is None else f"{s['requests_per_s']:.2f}"),
-            Text(str(q["total_processed"])), Text(str(q["total_failed"])),
-            Text(ago(s["last_seen"])), Text(duration(s["uptime"])),
+            Text(s.model_name, style="bold"), Text(s.kind),
+            Text(f"{s.online_count}/{s.instance_count}"),
+            Text(s.status, style=STATUS_STYLE[s.status]),
+            queue_bar(q.pending_messages, q.queue_capacity, bp.level),
+            Text(bp.level, style=LEVEL_STYLE[bp.level]),
+            Text("–" if s.requests_per_s is None else f"{s.requests_per_s:.2f}"),
+            Text(str(q.total_processed)), Text(str(q.total_failed)),
+            Text(ago(s.last_seen)), Text(duration(s.uptime)),
         )
     return t
 
 
 def screen(registry: Registry, settings: MonitorSettings, sort: str, reverse: bool) -> Group:
     services = registry.services()
-    live = sum(s["online_count"] for s in services)
-    total = sum(s["instance_count"] for s in services)
+    live = sum(s.online_count for s in services)
+    total = sum(s.instance_count for s in services)
     conn = Text("connected", style="green") if registry.nats_connected else Text("NATS unreachable", style="red")
     head = Text.assemble(("fleet monitor", "bold"), "  ", settings.nats_url, " ", conn,
                          f"  ·  {len(services)} models · {live}/{total} instances live · ",
                          time.strftime("%H:%M:%S"))
-    body: Any = table(services, sort, reverse) if services else Text(
+    body: Table | Text = table(services, sort, reverse) if services else Text(
         "no workers seen yet: start some with `make up` (they appear on their first heartbeat)", style="yellow")
     keys = "  ".join(f"{k} {label}" for k, (label, _) in SORTS.items())
     foot = Text(f"sort: {keys}  (again: reverse)   q quit", style="grey62")

@@ -26,6 +26,7 @@ from .config import MonitorSettings
 from .feed import Feed
 from .metrics import render_metrics
 from .registry import Registry
+from .shapes import Healthz
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -39,10 +40,13 @@ SECURITY = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(settings: MonitorSettings, registry: Registry | None = None) -> Starlette:
-    """The ASGI app; its lifespan connects to NATS in the background, so the page is up even while NATS is not."""
+def create_app(settings: MonitorSettings, registry: Registry | None = None, *, feed: bool = True) -> Starlette:
+    """The ASGI app; its lifespan connects to NATS in the background, so the page is up even while NATS is not.
+
+    With `feed=False` nothing connects: the app serves `registry` as whoever holds it feeds it (the fast tests).
+    """
     reg = registry or Registry(settings)
-    feed = Feed(reg, settings)
+    source = Feed(reg, settings) if feed else None
     session = hmac.new(settings.monitor_token.encode(), b"fleet-monitor-session", hashlib.sha256).hexdigest()
 
     def authorized(request: Request) -> bool:
@@ -83,7 +87,7 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None) -> S
         return resp
 
     async def services(_: Request) -> Response:
-        return JSONResponse(reg.services(), headers=SECURITY)
+        return JSONResponse([s.model_dump(mode="json") for s in reg.services()], headers=SECURITY)
 
     async def service(request: Request) -> Response:
         model = request.path_params["model"]
@@ -91,7 +95,7 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None) -> S
         if entry is None:
             known = ", ".join(reg.models) or "none yet"
             return JSONResponse({"error": f"no model named {model!r} is known; known: {known}"}, status_code=404)
-        return JSONResponse(entry, headers=SECURITY)
+        return JSONResponse(entry.model_dump(mode="json"), headers=SECURITY)
 
     async def events(_: Request) -> Response:
         return EventSourceResponse(_stream(reg), ping=settings.monitor_sse_ping, send_timeout=10,
@@ -102,19 +106,22 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None) -> S
 
     async def healthz(_: Request) -> Response:
         ok = reg.nats_connected
-        body = {"status": "ok" if ok else "degraded", "nats_connected": ok, **reg.stats()}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        body = Healthz(status="ok" if ok else "degraded", nats_connected=ok, **reg.stats().model_dump())
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(feed.run(), name="feed")
+        if source is None:
+            yield
+            return
+        task = asyncio.create_task(source.run(), name="feed")
         try:
             yield
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            await feed.close()
+            await source.close()
 
     app = Starlette(routes=[
         Route("/", guarded(dashboard, page=True)),
@@ -126,7 +133,7 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None) -> S
         Route("/metrics", guarded(metrics)),
         Route("/healthz", healthz),
     ], lifespan=lifespan)
-    app.state.registry, app.state.feed = reg, feed
+    app.state.registry, app.state.feed = reg, source
     return app
 
 
@@ -134,13 +141,15 @@ async def _stream(reg: Registry) -> AsyncIterator[dict[str, Any]]:
     """A snapshot, then every event; the listener goes away with the connection (or when it falls behind)."""
     lst = reg.listen()
     try:
-        yield {"event": "snapshot", "data": json.dumps(reg.snapshot()), "retry": 2000}
+        # json.dumps of the dump rather than model_dump_json: the same bytes as ever (separators, float repr)
+        snapshot = reg.snapshot()
+        yield {"event": snapshot.event, "data": json.dumps(snapshot.model_dump(mode="json")), "retry": 2000}
         while not lst.dropped:
             try:
-                event, data = await asyncio.wait_for(lst.queue.get(), timeout=1.0)
+                event = await asyncio.wait_for(lst.queue.get(), timeout=1.0)
             except TimeoutError:
                 continue
-            yield {"event": event, "data": json.dumps(data)}
+            yield {"event": event.event, "data": json.dumps(event.model_dump(mode="json"))}
     finally:
         reg.unlisten(lst)
 

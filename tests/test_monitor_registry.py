@@ -7,6 +7,7 @@ from typing import Any
 
 from monitor.config import load_settings
 from monitor.registry import Registry, decode_health
+from monitor.shapes import Pressure, ServiceEntry, ServiceRemoved, StatusChange
 from workers import protocol as p
 
 
@@ -22,6 +23,12 @@ def health(worker_id: str, model: str = "m", *, interval: float = 1.0, processed
         "started_at": 0.0, "uptime_s": 1.0, "heartbeat_interval_s": interval, "seq": 1,
     }
     return decode_health(json.dumps(body).encode())  # as workers send it: no endpoint, no last_processed_at
+
+
+def entry(reg: Registry, name: str) -> ServiceEntry:
+    got = reg.service(name)
+    assert got is not None, f"{name} is not in the registry"
+    return got
 
 
 def test_memory_stays_bounded_whatever_the_fleet_does():
@@ -47,9 +54,9 @@ def test_stale_after_one_interval_offline_after_two_then_purged():
     events = []
     while not lst.queue.empty():
         events.append(lst.queue.get_nowait())
-    changes = [(d["from"], d["to"]) for e, d in events if e == "status"]
+    changes = [(e.from_, e.to) for e in events if isinstance(e, StatusChange)]
     assert changes == [("new", "online"), ("online", "stale"), ("stale", "offline")]
-    assert events[-1][0] == "removed" and events[-1][1]["model_name"] == "m"
+    assert isinstance(events[-1], ServiceRemoved) and events[-1].model_name == "m"
 
 
 def test_stopping_is_offline_at_once_and_a_new_heartbeat_revives():
@@ -58,7 +65,7 @@ def test_stopping_is_offline_at_once_and_a_new_heartbeat_revives():
     reg.observe_health(health("w1", interval=10, status="stopping"), now=1)
     assert reg.instances["w1"].status == "offline"
     reg.observe_health(health("w1", interval=10, status="starting"), now=2)
-    assert reg.service("m")["status"] == "starting"
+    assert entry(reg, "m").status == "starting"
 
 
 def test_requests_per_second_come_from_processed_deltas():
@@ -67,16 +74,16 @@ def test_requests_per_second_come_from_processed_deltas():
     reg.observe_health(health("a", processed=20), now=2)
     reg.observe_health(health("b", processed=5), now=2)
     reg.observe_health(health("b", processed=11), now=4)
-    entry = reg.service("m")
-    assert entry["requests_per_s"] == 13.0 and entry["queue_metrics"]["total_processed"] == 31
+    m = entry(reg, "m")
+    assert m.requests_per_s == 13.0 and m.queue_metrics.total_processed == 31
 
 
 def test_dotted_names_group_as_written_and_answer_to_their_token():
     reg = Registry(load_settings())
     reg.observe_health(health("a", "nomic-embed-v1.5"), now=0)
     reg.observe_health(health("b", "nomic-embed-v1.5"), now=0)
-    assert [s["model_name"] for s in reg.services()] == ["nomic-embed-v1.5"]
-    assert reg.service("nomic-embed-v1_5")["instance_count"] == 2
+    assert [s.model_name for s in reg.services()] == ["nomic-embed-v1.5"]
+    assert entry(reg, "nomic-embed-v1_5").instance_count == 2
 
 
 def test_reports_move_the_queue_between_heartbeats():
@@ -85,6 +92,6 @@ def test_reports_move_the_queue_between_heartbeats():
     reg.observe_report(p.BackpressureReport(model_name="m", worker_id="a", pending_messages=9, active_processing=1,
                                             queue_capacity=10, utilization=0.9, status="critical", worker_count=1,
                                             timestamp=0.0), now=0.5)
-    entry = reg.service("m")
-    assert entry["queue_metrics"]["pending_messages"] == 9
-    assert entry["backpressure_status"] == {"level": "critical", "utilization": 0.9}
+    m = entry(reg, "m")
+    assert m.queue_metrics.pending_messages == 9
+    assert m.backpressure_status == Pressure(level="critical", utilization=0.9)

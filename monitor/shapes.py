@@ -1,0 +1,259 @@
+"""What the monitor sends out: the JSON of `/api/services`, `/api/services/{model}`, `/healthz` and the events
+of `/api/events`, as pydantic models.
+
+The registry builds these; the views only read and serialise them (`model_dump(mode="json")`). The dashboard
+(static/app.js) reads the same JSON, so a field renamed here is a field renamed there. The incoming shapes
+(heartbeats, reports) are in workers/protocol.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from workers import protocol as p
+
+# How the monitor judges an instance, best first; `stale` and `offline` are the monitor's own verdicts.
+Liveness = Literal["online", "draining", "starting", "stale", "offline"]
+
+
+class _Shape(BaseModel):
+    # extra="forbid": a misspelt field fails where the registry builds it, not in the dashboard
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    event: ClassVar[str] = ""  # the SSE event name this shape goes out as (empty: not sent as an event)
+
+
+class Pressure(_Shape):
+    """`backpressure_status`, of a model or of one instance."""
+
+    level: p.Level
+    """The level the worker reported with these numbers (the same mapping as `protocol.backpressure_level`)."""
+    utilization: float
+    """pending_messages / queue_capacity, rounded to 4 places; 0.0 while the capacity is 0."""
+
+
+class InstanceQueue(_Shape):
+    """One instance's queue numbers: the freshest of its heartbeat and its backpressure reports."""
+
+    pending_messages: int
+    """The model's JetStream depth (pending + unacknowledged) as this instance last saw it."""
+    active_processing: int
+    """Requests in this instance's hands."""
+    queue_capacity: int
+    """QUEUE_MAX_PER_MODEL of this instance."""
+    total_processed: int
+    """Requests this instance has finished since it started."""
+    total_failed: int
+    """Requests this instance has failed since it started."""
+    last_processed_at: float | None
+    """Epoch seconds of its last finished request; null if none yet."""
+
+
+class ServiceQueue(_Shape):
+    """A model's queue numbers, put together from its instances."""
+
+    pending_messages: int
+    """JetStream's depth for the model, from the instance heard from most recently (live ones first): the
+    stream is shared, so every replica reports the same number."""
+    active_processing: int
+    """Requests running, summed over the live instances."""
+    queue_capacity: int
+    """The capacity reported with `pending_messages`."""
+    total_processed: int
+    """Requests finished, summed over the listed instances (forgotten instances take theirs with them)."""
+    total_failed: int
+    """Requests failed, summed over the listed instances."""
+    last_processed_at: float | None
+    """The latest finish over the instances, epoch seconds; null if none has finished one."""
+
+
+class History(_Shape):
+    """The model's sparkline samples, oldest first: one every MONITOR_HISTORY_INTERVAL, at most
+    MONITOR_HISTORY_LEN; the three lists have the same length."""
+
+    t: list[float]
+    """Epoch seconds of each sample (1 decimal)."""
+    queue_depth: list[int]
+    """`queue_metrics.pending_messages` at each sample."""
+    requests_per_s: list[float]
+    """`requests_per_s` at each sample, 0.0 while unknown."""
+
+
+class InstanceEntry(_Shape):
+    """One worker process as the monitor sees it."""
+
+    worker_id: str
+    """The worker's WORKER_ID (by default `<model>-<host>-<pid>`); instances are keyed by it."""
+    status: Liveness
+    """The monitor's verdict: the worker's own status while it is heard from on time; `stale` after one
+    announced heartbeat interval (plus MONITOR_STALE_GRACE); `offline` after two, or at once on `stopping`."""
+    worker_status: p.WorkerStatus
+    """The status in the worker's last body: starting, online, draining or stopping."""
+    endpoint: str | None
+    """The worker's HTTP endpoint, null if it serves none."""
+    version: str
+    """The worker's software version."""
+    first_seen: float
+    """Epoch seconds the monitor first heard from it."""
+    last_seen: float
+    """Epoch seconds the monitor last heard from it (heartbeat, health reply or backpressure report)."""
+    age_s: float
+    """Seconds since then, on the monitor's clock (2 decimals)."""
+    uptime: float
+    """Seconds the worker has been up: its reported uptime plus the time since, while it is live (1 decimal)."""
+    started_at: float
+    """Epoch seconds the worker started, as it reports."""
+    heartbeat_interval_s: float
+    """The heartbeat interval the worker announced; its liveness is judged against it."""
+    seq: int
+    """The sequence number of its last heartbeat."""
+    queue_metrics: InstanceQueue
+    backpressure_status: Pressure
+    requests_per_s: float | None
+    """Requests finished per second, from the change in total_processed between bodies at least a second
+    apart; null until there are two."""
+
+
+class ServiceEntry(_Shape):
+    """One model: every instance that announces the same `model_name`. The item of `GET /api/services`, the
+    body of `GET /api/services/{model}` and of the `service` event."""
+
+    event: ClassVar[str] = "service"
+
+    model_name: str
+    """The model's name as its workers write it, dots and all."""
+    token: str
+    """The name as a NATS subject token (`nomic-embed-v1.5` -> `nomic-embed-v1_5`); the REST path takes
+    either."""
+    kind: p.Kind
+    """`inference` or `embedding`, from the most recently heard instance."""
+    status: Liveness
+    """The best status among its instances (online, draining, starting, stale, offline: in that order)."""
+    capabilities: list[str]
+    """The union of its instances' capabilities, sorted."""
+    model_info: dict[str, Any]
+    """The model card (architecture, quantization, context size, ...) from the most recently heard instance."""
+    endpoint: str | None
+    """An HTTP endpoint of a live instance, else the most recently heard instance's; null if none serves HTTP."""
+    nats_topic: str
+    """The subject requests for the model are sent to."""
+    version: str
+    """The software version of the most recently heard instance."""
+    queue_metrics: ServiceQueue
+    backpressure_status: Pressure
+    """The level and utilization that go with `queue_metrics.pending_messages`."""
+    requests_per_s: float | None
+    """Requests finished per second, summed over the live instances whose rate is known; null if none is."""
+    first_seen: float
+    """Epoch seconds the monitor first heard of the model (anew, if all its instances were once forgotten)."""
+    last_seen: float
+    """Epoch seconds the monitor last heard from any of its instances."""
+    uptime: float
+    """The longest uptime among its live instances, seconds (1 decimal); 0.0 if none is live."""
+    instance_count: int
+    """Instances listed (offline ones until they are purged)."""
+    online_count: int
+    """Instances that are online, draining or starting."""
+    instances: list[InstanceEntry]
+    """Sorted by worker_id."""
+    history: History
+
+
+class Snapshot(_Shape):
+    """The first event of every `/api/events` stream: the whole fleet; the events after it are changes."""
+
+    event: ClassVar[str] = "snapshot"
+
+    at: float
+    """The monitor's wall clock, epoch seconds (the dashboard corrects its own clock by it)."""
+    nats_connected: bool
+    """Whether the monitor is connected to NATS right now."""
+    services: list[ServiceEntry]
+    """Every model, sorted by name, as `GET /api/services` lists them."""
+
+
+class StatusChange(_Shape):
+    """The `status` event: an instance's liveness changed."""
+
+    event: ClassVar[str] = "status"
+
+    model_name: str
+    """The instance's model."""
+    worker_id: str
+    """The instance."""
+    from_: Liveness | Literal["new"] = Field(serialization_alias="from")
+    """The status before; `new` for an instance heard from for the first time. Sent as `from`."""
+    to: Liveness
+    """The status now."""
+    at: float
+    """Epoch seconds of the change."""
+
+    @model_serializer(mode="wrap")
+    def _from_as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `from` is a Python keyword; renamed here, so every dump says `from` without needing by_alias=True
+        return {("from" if k == "from_" else k): v for k, v in handler(self).items()}
+
+
+class ServiceRemoved(_Shape):
+    """The `removed` event: the model's last instance was purged or evicted; the model is gone."""
+
+    event: ClassVar[str] = "removed"
+
+    model_name: str
+    """The model that is gone."""
+    at: float
+    """Epoch seconds of the removal."""
+
+
+class NatsChange(_Shape):
+    """The `nats` event: the monitor's NATS connection went down or came back."""
+
+    event: ClassVar[str] = "nats"
+
+    connected: bool
+    """Whether the monitor is connected now."""
+    at: float
+    """Epoch seconds of the change."""
+
+
+# What an SSE listener receives after its snapshot; each shape names its event in `event`.
+Event = ServiceEntry | StatusChange | ServiceRemoved | NatsChange
+
+
+class Stats(_Shape):
+    """The monitor's own counters and sizes, for `/metrics` and `/healthz`."""
+
+    heartbeats: int
+    """Heartbeats taken in."""
+    reports: int
+    """Backpressure reports taken in."""
+    health_replies: int
+    """Health replies taken in (discovery sweeps)."""
+    invalid: int
+    """Bodies dropped because they did not parse or validate."""
+    oversized: int
+    """Bodies dropped for being over MONITOR_MAX_MESSAGE_BYTES."""
+    evicted: int
+    """Instances dropped to stay within MONITOR_MAX_INSTANCES."""
+    purged: int
+    """Offline instances dropped after PURGE_AFTER."""
+    instances: int
+    """Instances in the registry now."""
+    models: int
+    """Models in the registry now."""
+    sse_clients: int
+    """Open `/api/events` streams."""
+
+
+class _Verdict(_Shape):
+    status: Literal["ok", "degraded"]
+    """`ok` while the monitor is connected to NATS (HTTP 200), else `degraded` (HTTP 503)."""
+    nats_connected: bool
+    """Whether the monitor is connected to NATS."""
+
+
+class Healthz(Stats, _Verdict):
+    """The body of `GET /healthz`: the verdict, then the counters. (pydantic orders fields from the last base
+    to the first, so listing Stats first puts the verdict at the top of the JSON, where it has always been.)"""
