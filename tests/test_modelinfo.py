@@ -65,13 +65,15 @@ def test_parameter_counts_read_like_people_write_them(n, text):
 async def test_the_real_gemma3_file(model_path):
     from workers.engine import Engine
 
-    engine = Engine(model_path, kind="inference", concurrency=1, ctx_size=512, threads=1)
+    engine = Engine(model_path, embedding=False, concurrency=1, ctx_size=512, threads=1)
     await engine.load()
     try:
         info = model_info(engine.metadata, n_params=engine.n_params, context_size=512)
         caps = capabilities(engine.metadata, kind="inference")
+        special = engine.special_tokens()
     finally:
         engine.close()
     assert info["architecture"] == "gemma3" and info["quantization"] == "Q4_K_M" and info["embedding_size"] == 640
     assert 250_000_000 < info["parameters"] < 290_000_000 and info["parameter_count"] in ("268M", "270M")
     assert caps == ["text-generation"]  # the base model ships no chat template
+    assert special == {"bos": "<bos>", "eos": "<eos>"}  # what MODEL_FORMAT=chat hands its Jinja template
