@@ -4,6 +4,7 @@ sit between a request and llama.cpp (the real model runs the same code in the sl
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 from workers import protocol as p
 from workers.config import ROOT
@@ -54,3 +55,21 @@ async def test_embeddings_come_back_in_order_with_usage():
     assert isinstance(done.body, p.EmbeddingResponse)
     assert [d.embedding for d in done.body.data] == [[3.0, 1.0], [3.0, 1.0]] and done.body.usage.prompt_tokens == 3
     assert done.facts.response_text == "2 vector(s) of 2"
+
+
+async def test_a_cancel_from_another_owner_neither_stops_nor_skips_a_request():
+    r = runner(ScriptedEngine())
+    assert r.cancel("q", owner="mallory") == "queued"
+    assert not r.was_cancelled("q", owner="alice")  # remembered for mallory's own request only
+    assert r.cancel("q2", owner="alice") == "queued" and r.was_cancelled("q2", owner="alice")
+    assert r.cancel("q3") == "queued" and r.was_cancelled("q3", owner="alice")  # the open subject: anyone's
+    r.running["live"] = (stop := threading.Event(), "alice")
+    assert r.cancel("live", owner="mallory") == "refused" and not stop.is_set()
+    assert r.cancel("live", owner="alice") == "running" and stop.is_set()
+
+
+def test_the_owner_of_an_inbox_is_its_second_token():
+    assert p.inbox_owner("_INBOX.alice.abc123") == "alice"
+    assert p.inbox_owner("_INBOX.Kq3xZ.4") == "Kq3xZ"  # nats-py request(): the connection's own prefix
+    assert p.inbox_owner("_INBOX.abc123") is None and p.inbox_owner(None) is None and p.inbox_owner("x.y.z") is None
+    assert p.owner_cancel_subject("inference", "alice", "nomic-embed-v1.5") == "inference.cancel.alice.nomic-embed-v1.5"

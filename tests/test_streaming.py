@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 
+import nats
 import pytest
 
 from workers.ops import broker
@@ -82,3 +83,20 @@ async def test_http_delete_cancels_a_nats_request(start_worker, nc):
         r = await http.delete(f"http://127.0.0.1:{port}/v1/requests/h1")
     assert r.status_code == 200 and r.json()["cancelled"] is True
     assert json.loads((await answer).data)["finish_reason"] == "cancelled"
+
+
+async def test_an_owner_cancel_stops_only_that_owners_request(start_worker, nc):
+    await start_worker()
+    inbox = "_INBOX.alice.r1"
+    sub = await nc.subscribe(inbox)
+    body = {"req_id": "own-1", "input": "Write a very long story.", "params": {"max_tokens": 160, "temperature": 0}}
+    await nc.publish(SUBJECT, json.dumps(body).encode(), reply=inbox)
+    await asyncio.sleep(1.5)
+    refused = await nc.subscribe(nc.new_inbox())
+    await nc.publish("inference.cancel.mallory.gemma3-270m", b'{"req_id":"own-1"}', reply=refused.subject)
+    with pytest.raises(nats.errors.TimeoutError):  # not mallory's: no "cancelled" answer, the generation goes on
+        await refused.next_msg(timeout=1.0)
+    ack = json.loads((await nc.request("inference.cancel.alice.gemma3-270m", b'{"req_id":"own-1"}', timeout=5)).data)
+    assert ack["cancelled"] is True
+    out = json.loads((await sub.next_msg(timeout=60)).data)
+    assert out["finish_reason"] == "cancelled" and 0 < out["tokens_out"] < 160

@@ -115,9 +115,10 @@ class Consumer:
                                    "was free; the request was skipped", status=504)
             req = p.parse_request(s.model_kind, msg.data)
             targets.append(req.reply_to)
-            if self.runner.was_cancelled(req_id):
+            owner = p.inbox_owner(targets[0] or req.reply_to)  # whose cancels count (protocol.owner_cancel_subject)
+            if self.runner.was_cancelled(req_id, owner):
                 raise p.BadRequest("cancelled", "the caller cancelled the request before it ran", status=499)
-            done = await self._run(req, req_id, msg, intake, reply_targets(*targets))
+            done = await self._run(req, req_id, msg, intake, reply_targets(*targets), owner)
         except p.BadRequest as e:  # a real answer, even during a drain
             finished = Finished.refused(intake, e, float(p.now_ms() - start))
             reply = self.replier.error(req_id, e.status, e.type, e.message, finished.finish_reason or "error")
@@ -145,7 +146,8 @@ class Consumer:
             await msg.ack()
         self.ledger.record(finished)
 
-    async def _run(self, req: Request, req_id: str, msg: Msg, intake: Intake, targets: list[str]) -> Execution:
+    async def _run(self, req: Request, req_id: str, msg: Msg, intake: Intake, targets: list[str],
+                   owner: str | None) -> Execution:
         """Run on the engine, keeping the JetStream message alive; stream pieces if the caller asked."""
         keepalive = asyncio.create_task(self._keep_alive(msg))
         pump: DeltaPump | None = None
@@ -155,7 +157,7 @@ class Consumer:
 
             pump = DeltaPump(publish)
         try:
-            done = await self.runner.execute(req, req_id, queue_ms=intake.queue_ms,
+            done = await self.runner.execute(req, req_id, queue_ms=intake.queue_ms, owner=owner,
                                              on_delta=pump.push if pump else None)
         finally:
             keepalive.cancel()

@@ -75,8 +75,25 @@ def monitoring_subject(kind: Kind, model: str) -> str:
 
 
 def cancel_subject(kind: Kind, model: str) -> str:
-    """Core subject every instance of a model listens on for `{"req_id": ...}` cancellations."""
+    """Core subject every instance of a model listens on for `{"req_id": ...}` cancellations of any request
+    (an open bus, or operators: the least-privilege example grants it to no client)."""
     return f"{kind}.cancel.{model}"
+
+
+def owner_cancel_subject(kind: Kind, owner: str, model: str) -> str:
+    """Where a caller cancels its own requests: honoured only for requests whose reply inbox is
+    `_INBOX.<owner>.…`, so a server that lets each user publish only `<kind>.cancel.<user>.>` (and read only
+    `_INBOX.<user>.>`) keeps one caller from cancelling another's request."""
+    return f"{kind}.cancel.{owner}.{model}"
+
+
+def inbox_owner(inbox: str | None) -> str | None:
+    """The owner token of a reply inbox `_INBOX.<owner>.<id>…` (nats-py's request inboxes have one too: the
+    connection's random prefix); None for a bare `_INBOX.<id>` or anything else."""
+    if not inbox:
+        return None
+    parts = inbox.split(".")
+    return parts[1] if len(parts) >= 3 and parts[0] == "_INBOX" and parts[1] else None
 
 
 def service_name(model: str) -> str:

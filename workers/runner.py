@@ -39,35 +39,45 @@ class Runner:
         self.engine = engine
         self.fmt = fmt  # None for kinds that do not generate text
         self.grammars = grammars
-        self.running: dict[str, threading.Event] = {}
-        self._cancelled: OrderedDict[str, float] = OrderedDict()  # queued requests whose caller cancelled
+        self.running: dict[str, tuple[threading.Event, str | None]] = {}  # req_id -> (stop, owner)
+        # queued requests someone cancelled: req_id -> (when, owner the cancel came from; None: anyone's)
+        self._cancelled: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
 
     # --- cancel --------------------------------------------------------------------
 
-    def cancel(self, req_id: str) -> str:
-        """Stop `req_id` if it runs here ("running"); otherwise remember it so it is skipped when pulled."""
-        event = self.running.get(req_id)
-        if event is not None:
-            event.set()
+    def cancel(self, req_id: str, owner: str | None = None) -> str:
+        """Stop `req_id` if it runs here ("running"); otherwise remember it so it is skipped when pulled
+        ("queued"). With an `owner`, only a request whose reply inbox belongs to that owner is stopped
+        ("refused" when the running one belongs to someone else)."""
+        running = self.running.get(req_id)
+        if running is not None:
+            stop, running_owner = running
+            if owner is not None and owner != running_owner:
+                return "refused"
+            stop.set()
             return "running"
-        self._cancelled[req_id] = time.monotonic()
+        self._cancelled[req_id] = (time.monotonic(), owner)
         self._cancelled.move_to_end(req_id)
         while len(self._cancelled) > MAX_REMEMBERED_CANCELS:
             self._cancelled.popitem(last=False)
         return "queued"
 
-    def was_cancelled(self, req_id: str) -> bool:
+    def was_cancelled(self, req_id: str, owner: str | None = None) -> bool:
+        """Whether a cancel for this request arrived while it was queued (from anyone, or from its owner)."""
         seen = self._cancelled.pop(req_id, None)
-        return seen is not None and time.monotonic() - seen < CANCEL_MEMORY_S
+        if seen is None or time.monotonic() - seen[0] >= CANCEL_MEMORY_S:
+            return False
+        return seen[1] is None or seen[1] == owner
 
     # --- execute ---------------------------------------------------------------------
 
-    async def execute(self, req: Request, req_id: str, *, queue_ms: float = 0.0,
+    async def execute(self, req: Request, req_id: str, *, queue_ms: float = 0.0, owner: str | None = None,
                       on_delta: Callable[[str], None] | None = None) -> Execution:
-        """Run the request. Raises BadRequest for input the model refuses."""
+        """Run the request (`owner`: whose reply inbox it answers, for owner-only cancels). Raises BadRequest for
+        input the model refuses."""
         if isinstance(req, p.EmbeddingRequest):
             return await self._embed(req, req_id, queue_ms)
-        return await self._complete(req, req_id, queue_ms, on_delta)
+        return await self._complete(req, req_id, queue_ms, owner, on_delta)
 
     async def _embed(self, req: p.EmbeddingRequest, req_id: str, queue_ms: float) -> Execution:
         t0 = time.perf_counter()
@@ -82,7 +92,7 @@ class Runner:
                          response_text=f"{len(emb.vectors)} vector(s) of {len(emb.vectors[0])}")
         return Execution(body, facts)
 
-    async def _complete(self, req: p.InferenceRequest, req_id: str, queue_ms: float,
+    async def _complete(self, req: p.InferenceRequest, req_id: str, queue_ms: float, owner: str | None,
                         on_delta: Callable[[str], None] | None) -> Execution:
         if self.fmt is None:
             raise p.BadRequest("wrong_model_kind", f"{self.model_name} does not generate text", status=404)
@@ -90,7 +100,7 @@ class Runner:
         prompt = format_prompt(req, self.fmt)
         grammar = self.grammars.resolve(req.params.grammar) if (req.params.grammar and self.grammars) else None
         cancel = threading.Event()
-        self.running[req_id] = cancel
+        self.running[req_id] = (cancel, owner)
         try:
             out = await self.engine.complete(prompt, req.params, stop=self.fmt.stop, grammar=grammar,
                                              on_delta=on_delta, cancel=cancel)

@@ -199,8 +199,10 @@ class Worker:
                      stack: contextlib.AsyncExitStack) -> tuple[Consumer, Ingress]:
         s = self.settings
         replier = Replier(nc, s)
-        cancels = await nc.subscribe(p.cancel_subject(s.model_kind, s.model_name), cb=self._on_cancel)
-        stack.push_async_callback(cancels.unsubscribe)
+        for subject in (p.cancel_subject(s.model_kind, s.model_name),
+                        p.owner_cancel_subject(s.model_kind, "*", s.model_name)):
+            cancels = await nc.subscribe(subject, cb=self._on_cancel)
+            stack.push_async_callback(cancels.unsubscribe)
         psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
         consumer = self._consumer = Consumer(psub, settings=s, runner=runner, replier=replier, ledger=self.ledger,
                                              store=self.store, metrics=self.metrics)
@@ -216,12 +218,15 @@ class Worker:
         return consumer, ingress
 
     async def _on_cancel(self, msg: Msg) -> None:
+        """A cancel on the model's subject (any request) or on an owner's subject (that owner's requests only)."""
         try:
             req_id = p.CancelRequest.model_validate_json(msg.data).req_id
         except ValueError:
             return
-        state = self._loaded.runner.cancel(req_id) if self._loaded else "queued"
-        self.store.event("request.cancel", f"cancel {req_id} ({state})", req_id=req_id, state=state)
+        s = self.settings
+        owner = None if msg.subject == p.cancel_subject(s.model_kind, s.model_name) else msg.subject.split(".")[2]
+        state = self._loaded.runner.cancel(req_id, owner) if self._loaded else "queued"
+        self.store.event("request.cancel", f"cancel {req_id} ({state})", req_id=req_id, state=state, owner=owner)
         if msg.reply and state == "running":
             await msg.respond(p.json_bytes({"req_id": req_id, "cancelled": True, "worker_id": self.settings.worker_id}))
 
