@@ -113,6 +113,8 @@ class Store:
             except Exception as e:  # the log must never take the worker down
                 self.dropped += len(rows)
                 log.error("store: writing %d rows to %s failed: %s", len(rows), self.path, e)
+            for _ in batch:
+                self._queue.task_done()
             if time.monotonic() - last_prune > 3600:
                 await self.prune()
                 last_prune = time.monotonic()
@@ -120,10 +122,9 @@ class Store:
                 return
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is written (tests and shutdown)."""
-        while not self._queue.empty():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        """Wait until everything queued so far is committed (or counted as dropped): tests and shutdown."""
+        if self._writer is not None and not self._writer.done():
+            await self._queue.join()
 
     async def prune(self) -> None:
         """Apply retention: rows older than the retention window, then anything past max_rows."""
