@@ -66,6 +66,24 @@ async def test_sigterm_finishes_in_flight_work_then_exits(start_worker, nc):
 
 
 @pytest.mark.model
+async def test_an_idle_worker_stops_promptly_after_a_cancel(start_worker, nc):
+    """A stray message left in the pull subscription must not hold the shutdown for nats-py's 30 s drain."""
+    w = await start_worker(WORKER_CONCURRENCY=2)
+    long = {"input": "Write a very long story.", "params": {"max_tokens": 200, "temperature": 0}}
+    first = asyncio.create_task(nc.request("inference.request.gemma3-270m",
+                                           json.dumps({**long, "req_id": "x1"}).encode(), timeout=120))
+    second = asyncio.create_task(nc.request("inference.request.gemma3-270m",
+                                            json.dumps({**long, "req_id": "x2"}).encode(), timeout=120))
+    await asyncio.sleep(1.5)
+    await nc.request("inference.cancel.gemma3-270m", b'{"req_id":"x1"}', timeout=5)
+    await asyncio.gather(first, second)
+    await asyncio.sleep(6)  # past a fetch wait, so a late delivery could sit in the subscription
+    t0 = time.monotonic()
+    assert await asyncio.to_thread(w.terminate, 60) == 0
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.model
 async def test_unfinished_work_is_handed_back_on_drain_timeout(start_worker, nc):
     a = await start_worker(WORKER_CONCURRENCY=1, DRAIN_TIMEOUT=0)
     subs = await send_many(nc, 1, 200, "handback")

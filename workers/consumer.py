@@ -46,11 +46,16 @@ class Consumer:
         self._pull = asyncio.create_task(self._pull_loop(), name="pull")
 
     async def stop_pulling(self) -> None:
+        """Stop fetching and drop the pull subscription. A message JetStream delivered after a fetch gave up
+        would otherwise sit in the subscription unread, and the connection's drain would wait its whole
+        timeout (30 s) for it at shutdown; unread, it is simply redelivered after ack_wait."""
         if self._pull is not None:
             self._pull.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pull
             self._pull = None
+            with contextlib.suppress(Exception):
+                await self.psub.unsubscribe()
 
     async def drain(self, timeout: float, abort: Callable[[], None]) -> None:
         """Stop pulling, let in-flight requests finish for up to `timeout`, then abort and hand back the rest."""
