@@ -49,7 +49,7 @@ logs: $(STAMP) ## last requests and events of a worker: make logs WORKER=gemma3-
 nats: $(STAMP) ## the embedded nats-server only (JetStream, store in data/nats/)
 	$(FLEET) nats
 
-monitor-dashboard: $(STAMP) ## the monitor: dashboard, REST and SSE on MONITOR_ADDR (default :8080)
+monitor-dashboard: $(STAMP) ## the monitor: dashboard, REST and SSE on MONITOR_ADDR (default 127.0.0.1:8080)
 	$(BIN)/python -m monitor
 
 monitor-cli: $(STAMP) ## the fleet as a live table in the terminal (sort keys shown; q quits)

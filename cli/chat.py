@@ -20,7 +20,7 @@ from rich.table import Table
 
 from workers import protocol as p
 
-from .client import FleetClient, FleetError, model_from_subject, run_cli
+from .client import FleetClient, FleetError, add_connection_flags, client_for, model_from_subject, run_cli
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -37,7 +37,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-temperature", "--temperature", type=float)
     ap.add_argument("-timeout", "--timeout", type=float, default=120.0, help="seconds to wait for each message")
     ap.add_argument("-grammar", "--grammar", help="a stored grammar name or inline GBNF")
-    ap.add_argument("-url", "--server", "--url", dest="url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
     ap.add_argument("-v", "--verbose", action="store_true", help="footer with tokens, queue ms, duration, tok/s")
     ap.add_argument("--raw", action="store_true", help="send the input without the prompt template")
     ap.add_argument("--json", action="store_true", help="print the full response as JSON")
@@ -45,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--system", help="a system prompt")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--list", action="store_true", help="live models on the fleet")
+    add_connection_flags(ap)
     return ap
 
 
@@ -162,7 +162,7 @@ def _read_pipe(prompt: str) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    async with FleetClient(args.url) as fleet:
+    async with client_for(args) as fleet:
         if args.list:
             return await list_models(fleet)
         model = model_of(args)

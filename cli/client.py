@@ -2,23 +2,36 @@
 
     async with FleetClient("nats://127.0.0.1:4222") as fleet:
         reply = await fleet.infer("gemma3-270m", {"input": "Hello"})
+
+The CLIs take the NATS connection as the `nats` CLI spells it (`--server`, `--user`, `--creds`, `--tlsca` …, see
+`add_connection_flags`), each flag falling back to the same environment variable the workers read.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import logging
 import sys
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import Any, TypeVar
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from pydantic import ValidationError
 
 from workers import discovery
 from workers import protocol as p
-from workers.connection import NATS, NatsUnavailable, connect
+from workers.connection import NATS, NatsRefused, NatsUnavailable, connect
 from workers.logsetup import setup_logging
+from workers.settings import NatsAuth, NatsSettings, config_error, redact
+
+T = TypeVar("T")
+# flag -> setting, as the Go `nats` CLI names them; the hints in error lines name both
+FLAGS = {"server": "NATS_URL", "user": "NATS_USER", "password": "NATS_PASSWORD", "token": "NATS_TOKEN",
+         "creds": "NATS_CREDS", "nkey": "NATS_NKEY_SEED_FILE", "tlscert": "NATS_TLS_CERT", "tlskey": "NATS_TLS_KEY",
+         "tlsca": "NATS_TLS_CA", "inbox_prefix": "NATS_INBOX_PREFIX"}
 
 
 class FleetError(Exception):
@@ -39,6 +52,12 @@ class Timeout(FleetError):
     exit_code = 4
 
 
+class NotAllowed(FleetError):
+    """NATS refused the login, the TLS handshake, or a publish/subscribe (permissions)."""
+
+    exit_code = 6
+
+
 class ErrorReply(FleetError):
     exit_code = 5
 
@@ -48,18 +67,79 @@ class ErrorReply(FleetError):
         self.body = body
 
 
+def add_connection_flags(ap: argparse.ArgumentParser) -> None:
+    """The NATS connection flags, named as the `nats` CLI names them; unset ones come from the environment."""
+    g = ap.add_argument_group("NATS connection (default: the environment variable in brackets)")
+    g.add_argument("-s", "--server", "-url", "--url", dest="server", metavar="URL",
+                   help="NATS server URL(s), comma-separated; user:password@ allowed [NATS_URL]")
+    g.add_argument("--user", help="user name [NATS_USER]")
+    g.add_argument("--password", help="password [NATS_PASSWORD]")
+    g.add_argument("--token", help="token [NATS_TOKEN]")
+    g.add_argument("--creds", metavar="FILE", help="user credentials file, JWT [NATS_CREDS]")
+    g.add_argument("--nkey", metavar="FILE", help="user nkey seed file [NATS_NKEY_SEED_FILE]")
+    g.add_argument("--tlscert", metavar="FILE", help="client certificate for mutual TLS [NATS_TLS_CERT]")
+    g.add_argument("--tlskey", metavar="FILE", help="private key of --tlscert [NATS_TLS_KEY]")
+    g.add_argument("--tlsca", metavar="FILE", help="CA that signed the server's certificate [NATS_TLS_CA]")
+    g.add_argument("--inbox-prefix", dest="inbox_prefix", metavar="PREFIX",
+                   help="subject prefix for replies, e.g. _INBOX.alice [NATS_INBOX_PREFIX]")
+
+
+def nats_settings(args: argparse.Namespace) -> NatsSettings:
+    """The connection settings from the flags, each unset one from the environment; a bad one is a FleetError."""
+    given = {setting.lower(): value for flag, setting in FLAGS.items() if (value := getattr(args, flag, None))}
+    try:
+        return NatsSettings(**given)
+    except ValidationError as e:
+        raise FleetError(str(config_error(e, "in the flags or the environment"))) from None
+
+
+def client_for(args: argparse.Namespace) -> FleetClient:
+    """A FleetClient connecting as the flags and the environment say."""
+    s = nats_settings(args)
+    return FleetClient(s.nats_url, auth=s.nats_auth({v: "--" + k.replace("_", "-") for k, v in FLAGS.items()}))
+
+
 class FleetClient:
-    def __init__(self, url: str = "nats://127.0.0.1:4222", connect_timeout: float = 2.0) -> None:
+    def __init__(self, url: str = "nats://127.0.0.1:4222", connect_timeout: float = 2.0,
+                 auth: NatsAuth | None = None) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
+        self.auth = auth
         self.nc: NATS | None = None
+        self._denied: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> FleetClient:
+        self._denied = asyncio.get_running_loop().create_future()
         try:
-            self.nc = await connect(self.url, name="nats-cli", timeout=self.connect_timeout + 1, reconnect=False)
+            self.nc = await connect(self.url, name="nats-cli", timeout=self.connect_timeout + 1, reconnect=False,
+                                    auth=self.auth, events=self)
+        except NatsRefused as e:
+            raise NotAllowed(str(e)) from None
         except NatsUnavailable:
-            raise NoServer(f"no NATS server at {self.url}; start the fleet with `make up` or pass -url") from None
+            raise NoServer(f"no NATS server at {redact(self.url)}; start the fleet with `make up` or pass --server"
+                           ) from None
         return self
+
+    def event(self, code: str, msg: str = "", level: str = "info", **meta: Any) -> None:
+        """The connection's EventSink: a publish or subscribe NATS denied ends what is waiting on it."""
+        if code == "nats.permission" and self._denied is not None and not self._denied.done():
+            self._denied.set_result(msg)
+
+    async def _unless_denied(self, aw: Awaitable[T]) -> T:
+        """`aw`, unless NATS denies one of our publishes or subscriptions first (then NotAllowed at once, rather
+        than a timeout much later)."""
+        task = asyncio.ensure_future(aw)
+        denied = self._denied
+        if denied is None:
+            return await task
+        both: list[asyncio.Future[Any]] = [task, denied]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._denied = asyncio.get_running_loop().create_future()  # an interactive session goes on
+        raise NotAllowed(denied.result())
 
     async def __aexit__(self, *exc: object) -> None:
         if self.nc is not None:
@@ -73,7 +153,7 @@ class FleetClient:
         """One request, one answer (what `nats req` does); raises FleetError subclasses."""
         subject = p.request_subject(kind, model)
         try:
-            msg = await self._nc().request(subject, json.dumps(body).encode(), timeout=timeout)
+            msg = await self._unless_denied(self._nc().request(subject, json.dumps(body).encode(), timeout=timeout))
         except NoRespondersError:
             raise NoWorker(_no_worker(subject, model)) from None
         except NatsTimeout:
@@ -103,7 +183,7 @@ class FleetClient:
             first = True
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=timeout)
+                    msg = await self._unless_denied(sub.next_msg(timeout=timeout))
                 except NatsTimeout:
                     raise Timeout(await self._timeout_message(model, timeout)) from None
                 if first and msg.headers and msg.headers.get("Status") == "503":
@@ -120,15 +200,15 @@ class FleetClient:
 
     async def cancel(self, model: str, req_id: str) -> None:
         await self._nc().publish(p.cancel_subject("inference", model), json.dumps({"req_id": req_id}).encode())
-        await self._nc().flush()
+        await self._unless_denied(self._nc().flush())
 
     async def health(self, model: str, wait: float = 0.5) -> list[dict[str, Any]]:
         """Every instance's health body (they all answer)."""
-        return await discovery.health(self._nc(), model, wait)
+        return await self._unless_denied(discovery.health(self._nc(), model, wait))
 
     async def discover(self, wait: float = 1.0) -> list[dict[str, Any]]:
         """Live instances, found through `$SRV.PING` and their health replies (gathered for `wait` s)."""
-        return [json.loads(data) for data in await discovery.sweep(self._nc(), wait)]
+        return [json.loads(data) for data in await self._unless_denied(discovery.sweep(self._nc(), wait))]
 
     async def _timeout_message(self, model: str, timeout: float) -> str:
         depth = ""
@@ -159,6 +239,8 @@ def model_from_subject(subject: str | None, kind: p.Kind, default: str) -> str:
 def run_cli(prog: str, coro: Coroutine[Any, Any, int]) -> int:
     """Run a CLI's coroutine; a FleetError becomes one unwrapped stderr line and its exit code."""
     setup_logging()
+    # what the connection would log (a denied publish, say) reaches the user as this command's one error line
+    logging.getLogger("workers.connection").setLevel(logging.CRITICAL)
     try:
         return asyncio.run(coro)
     except FleetError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .client import FleetClient, FleetError, model_from_subject, run_cli
+from .client import FleetError, add_connection_flags, client_for, model_from_subject, run_cli
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -26,10 +26,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-input", "--input", action="append", help="a text (repeatable); default: one per stdin line")
     ap.add_argument("-subject", "--subject", help="request subject (default embedding.request.<model>)")
     ap.add_argument("-m", "--model", default=os.environ.get("NATS_EMBED_MODEL", "gemma3-270m-embed"))
-    ap.add_argument("-url", "--server", "--url", dest="url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
     ap.add_argument("-timeout", "--timeout", type=float, default=120.0)
     ap.add_argument("--json", action="store_true", help="print the full response")
     ap.add_argument("--output", type=Path, help="write the vectors to FILE.npy or FILE.jsonl")
+    add_connection_flags(ap)
     return ap
 
 
@@ -54,7 +54,7 @@ async def run(args: argparse.Namespace) -> int:
     texts = args.input or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise FleetError("nothing to embed: give -input TEXT (repeatable) or pipe one text per line")
-    async with FleetClient(args.url) as fleet:
+    async with client_for(args) as fleet:
         reply = await fleet.embed(model_of(args), texts, timeout=args.timeout)
     vectors = [d["embedding"] for d in sorted(reply["data"], key=lambda d: d["index"])]
     if args.output:

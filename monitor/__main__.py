@@ -7,9 +7,22 @@ import asyncio
 import socket
 import sys
 
+from workers.access import is_loopback
 from workers.logsetup import setup_logging
+from workers.settings import redact
 
 from .config import ConfigError, MonitorSettings, load_settings
+from .feed import login_refused
+
+
+def exposure_warning(settings: MonitorSettings) -> str | None:
+    """The one start-up line for a monitor other machines can reach without a token (it still starts: it only reads)."""
+    host, port = settings.host_port
+    if settings.monitor_token or is_loopback(host):
+        return None
+    return (f"warning: the monitor listens on {host}:{port}, beyond this machine, without MONITOR_TOKEN: anyone who "
+            "can reach it sees the fleet's models, workers and queues; set MONITOR_TOKEN or "
+            f"MONITOR_ADDR=127.0.0.1:{port}")
 
 
 def serve(settings: MonitorSettings) -> int:
@@ -27,9 +40,14 @@ def serve(settings: MonitorSettings) -> int:
         print(f"error: cannot listen on MONITOR_ADDR={settings.monitor_addr} ({e.strerror}); "
               "stop what holds it or set MONITOR_ADDR=127.0.0.1:9000", file=sys.stderr)
         return 1
+    if refused := asyncio.run(login_refused(settings)):
+        print(f"error: {refused}", file=sys.stderr)
+        return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"monitor: dashboard on http://{shown}:{port}/ · NATS {settings.nats_url}"
+    print(f"monitor: dashboard on http://{shown}:{port}/ · NATS {redact(settings.nats_url)}"
           + (" · token required" if settings.monitor_token else ""), flush=True)
+    if warning := exposure_warning(settings):
+        print(warning, file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(settings), log_level="warning", timeout_graceful_shutdown=2,
                             access_log=False)
     uvicorn.Server(config).run(sockets=[sock])

@@ -22,7 +22,7 @@ class MonitorSettings(NatsSettings):
 
     # NATS_URL: NatsSettings
     nats_connect_timeout: float = Field(default=5.0, gt=0)  # `tui --once` gives up after this
-    monitor_addr: str = ":8080"
+    monitor_addr: str = "127.0.0.1:8080"  # this machine only; other hosts: MONITOR_ADDR=:8080 with MONITOR_TOKEN
     monitor_token: str = ""  # when set, the dashboard, /api/* and /metrics require it
 
     # registry

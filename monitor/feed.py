@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -17,13 +18,14 @@ from pydantic import ValidationError
 
 from workers import discovery
 from workers import protocol as p
-from workers.connection import NatsUnavailable, connect
+from workers.connection import NatsRefused, NatsUnavailable, connect
 
 from .config import MonitorSettings
 from .registry import Registry, decode_health
 
-__all__ = ["Feed", "NatsUnavailable"]
+__all__ = ["Feed", "NatsRefused", "NatsUnavailable", "login_refused"]
 
+log = logging.getLogger(__name__)
 HEARTBEATS = "models.*.heartbeat"
 REPORTS = "monitoring.*.*"
 
@@ -49,7 +51,8 @@ class Feed:
                 self._catch_up = asyncio.create_task(self._sweep_quietly(), name="sweep-after-reconnect")
 
         self.nc = await connect(self.settings.nats_url, name="fleet-monitor", timeout=timeout,
-                                on_disconnected=on_disconnected, on_reconnected=on_reconnected)
+                                on_disconnected=on_disconnected, on_reconnected=on_reconnected,
+                                auth=self.settings.nats_auth())
         self.registry.nats_connected = True
 
     async def start(self) -> None:
@@ -64,9 +67,17 @@ class Feed:
         self._tasks = [asyncio.create_task(self._sweep_loop(), name="sweep"),
                        asyncio.create_task(self._tick_loop(), name="tick")]
 
-    async def run(self) -> None:
-        """Connect (however long it takes) and start: the web server runs this in the background."""
-        await self.connect()
+    async def run(self, retry_refused: float = 10.0) -> None:
+        """Connect (however long it takes) and start: the web server runs this in the background. A refused login
+        or TLS handshake is logged (one line) and tried again every `retry_refused` s: the page stays up and shows
+        NATS as unreachable meanwhile."""
+        while True:
+            try:
+                await self.connect()
+                break
+            except NatsRefused as e:
+                log.error("%s", e)
+                await asyncio.sleep(retry_refused)
         await self.start()
 
     async def close(self) -> None:
@@ -138,3 +149,16 @@ class Feed:
         self.registry.counters["reports"] += 1
         self.registry.observe_report(report)
 
+
+
+async def login_refused(settings: MonitorSettings, timeout: float = 2.0) -> str | None:
+    """Why the NATS server refuses the monitor (login or TLS) as one line, or None (accepted, or no server answered
+    within `timeout`: the web monitor then starts and waits for one). `python -m monitor` exits on a refusal."""
+    try:
+        nc = await connect(settings.nats_url, name="fleet-monitor", timeout=timeout, auth=settings.nats_auth())
+    except NatsRefused as e:
+        return str(e)
+    except NatsUnavailable:
+        return None
+    await nc.close()
+    return None

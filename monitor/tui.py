@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workers import protocol as p
+from workers.settings import redact
 
 from .config import MonitorSettings
 from .feed import Feed, NatsUnavailable
@@ -95,7 +96,7 @@ def screen(registry: Registry, settings: MonitorSettings, sort: str, reverse: bo
     live = sum(s.online_count for s in services)
     total = sum(s.instance_count for s in services)
     conn = Text("connected", style="green") if registry.nats_connected else Text("NATS unreachable", style="red")
-    head = Text.assemble(("fleet monitor", "bold"), "  ", settings.nats_url, " ", conn,
+    head = Text.assemble(("fleet monitor", "bold"), "  ", redact(settings.nats_url), " ", conn,
                          f"  ·  {len(services)} models · {live}/{total} instances live · ",
                          time.strftime("%H:%M:%S"))
     body: Table | Text = table(services, sort, reverse) if services else Text(
@@ -128,7 +129,7 @@ def once(settings: MonitorSettings, console: Console | None = None) -> int:
     if registry.models:
         console.print(table(registry.services(), expand=False))
     else:
-        console.print(f"no workers answered at {settings.nats_url}", markup=False)
+        console.print(f"no workers answered at {redact(settings.nats_url)}", markup=False)
     return 0
 
 

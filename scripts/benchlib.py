@@ -19,6 +19,7 @@ from pathlib import Path
 from workers import discovery
 from workers.connection import NATS, connect
 from workers.ops import broker
+from workers.settings import NatsSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,8 @@ async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[NATS, str]]
                 [sys.executable, "-m", "workers", name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 env=dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), HTTP_ADDR="", **env),
             )
-            nc = await connect(url, name="bench")
+            # the worker inherits NATS_USER, NATS_CREDS, NATS_TLS_* … from this environment; so does this client
+            nc = await connect(url, name="bench", auth=NatsSettings(nats_url=url).nats_auth())
             if not await discovery.wait_online(nc, name, timeout=None, alive=lambda: child.poll() is None):
                 _, stderr = child.communicate()
                 raise SystemExit(f"worker exited: {stderr.decode()}")

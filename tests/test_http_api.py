@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 
 import httpx
 import openai
@@ -126,3 +127,39 @@ async def test_logs_hide_prompts_unless_allowed(http_worker):
         rows = (await http.get("/logs?limit=5")).json()["requests"]
     assert rows and rows[0]["source"] == "http" and "raw_input" not in rows[0]
     assert "secret" not in json.dumps(rows)
+
+
+async def test_with_api_key_the_openai_client_needs_it_and_the_probes_do_not(start_worker):
+    port, key = broker.free_port(), "model-test-key"
+    await start_worker(HTTP_ADDR=f"127.0.0.1:{port}", API_KEY=key)
+    base = f"http://127.0.0.1:{port}"
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key)
+    chat = await client.chat.completions.create(model="gemma3-270m", max_tokens=4, temperature=0,
+                                                messages=[{"role": "user", "content": "Hi"}])
+    assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
+    await client.close()
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        r = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert (await http.get("/metrics", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        assert (await http.get("/healthz")).status_code == 200 and (await http.get("/readyz")).status_code == 200
+
+
+async def test_on_all_interfaces_without_a_key_the_worker_serves_but_closes_mutating_routes(start_worker):
+    port = broker.free_port()
+    w = await start_worker(HTTP_ADDR=f"0.0.0.0:{port}")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).status_code == 200
+        assert (await http.get("/grammars")).status_code == 200
+        for r in [await http.put("/grammars/abc", content='root ::= "x"'), await http.get("/logs"),
+                  await http.delete("/v1/requests/someone-elses")]:
+            assert r.status_code == 403 and "API_KEY" in r.json()["error"]["message"], r.text
+    w.terminate()
+    said = [line for line in w.output().splitlines() if "grammar changes, cancels and /logs are off" in line]
+    assert len(said) == 1 and f"0.0.0.0:{port}" in said[0], w.output()
+    con = sqlite3.connect(w.db)
+    try:
+        assert [c for (c,) in con.execute("SELECT code FROM events WHERE code = 'http.closed'")] == ["http.closed"]
+    finally:
+        con.close()

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from .formats import FORMATS
@@ -60,6 +60,8 @@ class Settings(NatsSettings, BackpressureSettings):
     # HTTP API
     http_queue_limit: int = Field(default=8, ge=0)  # HTTP requests that may wait for a slot; more get 429
     log_prompts_http: bool = False  # show prompts and answers in GET /logs
+    api_key: SecretStr = SecretStr("")  # when set, every route but /healthz and /readyz needs it (workers/access.py)
+    api_key_file: str = ""  # a file whose contents are the key (a Docker or Kubernetes secret)
 
     # where (NATS_URL and NATS_CONNECT_TIMEOUT: NatsSettings)
     http_addr: str = ""
@@ -104,6 +106,21 @@ class Settings(NatsSettings, BackpressureSettings):
             self.worker_id = f"{self.model_name}-{socket.gethostname()}-{os.getpid()}"
         if self.model_threads == 0:
             self.model_threads = max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+        return self
+
+    @model_validator(mode="after")
+    def _api_key_file(self) -> Settings:
+        if not self.api_key_file:
+            return self
+        if self.api_key.get_secret_value():
+            raise ValueError("set API_KEY or API_KEY_FILE, not both")
+        try:
+            key = Path(self.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"API_KEY_FILE={self.api_key_file} cannot be read ({e.strerror})") from None
+        if not key:
+            raise ValueError(f"API_KEY_FILE={self.api_key_file} is empty")
+        self.api_key = SecretStr(key)
         return self
 
     @property

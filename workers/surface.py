@@ -15,6 +15,7 @@ from .grammars import GrammarStore
 from .metrics import Metrics
 from .outcome import Ledger
 from .runner import Runner
+from .store import Store
 
 
 class Gate:
@@ -43,6 +44,7 @@ class Serving(Protocol):
     settings: Settings
     metrics: Metrics
     ledger: Ledger
+    store: Store  # the worker's log: the app records its start-up notes as events
     gate: Gate
     started_at: float
 

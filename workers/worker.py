@@ -120,7 +120,7 @@ class Worker:
             try:
                 # 1. NATS, the stream and the model's durable consumer
                 nc = self._nc = await connect(s.nats_url, name=s.worker_id, timeout=s.nats_connect_timeout,
-                                              events=self.store)
+                                              events=self.store, auth=s.nats_auth())
                 stack.push_async_callback(_close, nc)
                 js = nc.jetstream()
                 await ensure_stream(js, s)
