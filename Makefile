@@ -9,7 +9,7 @@ FLEET := $(BIN)/python -m workers.ops.fleet
 WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models up start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
+.PHONY: help setup models up cluster start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
 	browser test test-unit bench lint typecheck $(WORKERS)
 
 help: ## this list
@@ -33,6 +33,9 @@ models: $(STAMP) ## the local models: gemma3-270m assembled, minilm-l6-v2 conver
 
 up: setup ## NATS (embedded if none answers at NATS_URL) + the default workers, in the background
 	$(FLEET) up
+
+cluster: setup ## 3 local nats-server nodes (data/cluster/) + the default workers spread over them + monitor
+	$(FLEET) cluster
 
 start: $(STAMP) ## one worker in the foreground: make start WORKER=gemma3-270m
 	$(FLEET) start $(WORKER)

@@ -70,6 +70,7 @@ class Settings(NatsSettings, BackpressureSettings):
 
     # queue
     queue_max_per_model: int = Field(default=1000, ge=1)
+    stream_replicas: int = Field(default=1, ge=1, le=5)  # copies of the queue in a NATS cluster (JetStream: 1-5)
     queue_max_age_s: float = Field(default=3600.0, gt=0)
     queue_ack_wait_s: float = Field(default=30.0, ge=1)
     queue_max_deliver: int = Field(default=4, ge=1)

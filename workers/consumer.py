@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import nats
@@ -18,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from . import protocol as p
+from .answered import Answered
 from .config import Settings
 from .metrics import Metrics
 from .outcome import Finished, Intake, Ledger
@@ -25,16 +27,18 @@ from .queue import Replier, reply_targets
 from .runner import DeltaPump, Execution, Request, Runner
 from .store import Store
 
-FETCH_WAIT_S = 5.0
+FETCH_WAIT_S = 1.0  # a pull lost with a dead consumer leader costs at most this
 ABORT_WAIT_S = 30.0
 log = logging.getLogger(__name__)
 
 
 class Consumer:
     def __init__(self, psub: JetStreamContext.PullSubscription, *, settings: Settings, runner: Runner,
-                 replier: Replier, ledger: Ledger, store: Store, metrics: Metrics) -> None:
+                 replier: Replier, ledger: Ledger, store: Store, metrics: Metrics,
+                 answered: Answered | None = None) -> None:
         self.psub, self.settings, self.runner, self.replier = psub, settings, runner, replier
         self.ledger, self.store, self.metrics = ledger, store, metrics
+        self.answered = answered  # None: at-least-once (a redelivered request may be answered twice)
         self.in_flight: dict[asyncio.Task[None], Msg] = {}
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
         self.aborted = False  # set when a drain runs out of time: whatever is running goes back to the queue
@@ -147,9 +151,27 @@ class Consumer:
             await msg.nak(delay=1.0)
         else:
             data, headers = reply
-            await self.replier.send(targets, data, headers, finished.intake.req_id)
-            await msg.ack()
+            if self.answered is None or await self.answered.claim(msg):
+                await self.replier.send(targets, data, headers, finished.intake.req_id)
+            else:
+                self.store.event("request.duplicate", "delivered again after another worker answered it; "
+                                 "not answered twice", req_id=finished.intake.req_id)
+            await self._ack(msg)
         self.ledger.record(finished)
+
+    async def _ack(self, msg: Msg) -> None:
+        """Ack and wait for JetStream's confirmation, again until it comes (within ack_wait): an ack sent while
+        the consumer has no leader (an election: seconds) is lost and the answered request delivered again."""
+        deadline = time.monotonic() + self.settings.queue_ack_wait_s
+        while True:
+            try:
+                await msg.ack_sync(timeout=1.0)
+                return
+            except (TimeoutError, nats.errors.Error) as e:
+                if time.monotonic() > deadline:
+                    self.store.event("queue.ack_failed", f"no confirmation of the ack: {e!r}", level="warning")
+                    return
+                await asyncio.sleep(0.1)
 
     async def _run(self, req: Request, req_id: str, msg: Msg, intake: Intake, targets: list[str],
                    owner: str | None) -> Execution:

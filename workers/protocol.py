@@ -87,6 +87,14 @@ def owner_cancel_subject(kind: Kind, owner: str, model: str) -> str:
     return f"{kind}.cancel.{owner}.{model}"
 
 
+INBOX_PREFIX = "_INBOX"
+
+
+def is_inbox(subject: str) -> bool:
+    """A reply subject answers may go to: `_INBOX.<…>`, no wildcards."""
+    return subject.startswith(INBOX_PREFIX + ".") and "*" not in subject and ">" not in subject
+
+
 def inbox_owner(inbox: str | None) -> str | None:
     """The owner token of a reply inbox `_INBOX.<owner>.<id>…` (nats-py's request inboxes have one too: the
     connection's random prefix); None for a bare `_INBOX.<id>` or anything else."""

@@ -1,5 +1,6 @@
 """The durable queue between callers and workers (docs/architecture.md, "The request path").
 
+The stream and consumer themselves are set up by workers/streams.py (re-exported here).
 Ingress: each worker queue-subscribes the public request subject and copies every request,
 with the caller's inbox and a deadline in headers, into a WorkQueue stream, replying only on
 failure. Workers of one model share one durable pull consumer. Messages that exhaust
@@ -17,70 +18,19 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from . import protocol as p
 from .config import Settings
 from .outcome import Finished, Intake
 from .store import Store
+from .streams import ensure_consumer, ensure_stream
+
+__all__ = ["DeadLetters", "Ingress", "Replier", "ensure_consumer", "ensure_stream", "header_bytes", "reply_targets"]
 
 Record = Callable[[Finished], None]  # Ledger.record: log row, metrics, totals
 
 ERR_MAX_PER_SUBJECT = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded"
-
-
-async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
-    """Create the shared WorkQueue stream, or bring its limits in line with this worker's settings."""
-    config = StreamConfig(
-        name=p.STREAM_NAME,
-        subjects=[p.QUEUE_SUBJECTS],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.NEW,
-        max_msgs_per_subject=settings.queue_max_per_model,
-        discard_new_per_subject=True,
-        max_age=settings.queue_max_age_s,
-        max_msg_size=settings.max_request_bytes + 4096,
-    )
-    try:
-        info = await js.stream_info(p.STREAM_NAME)
-    except NotFoundError:
-        await js.add_stream(config)
-        return
-    current = info.config
-    if (current.max_msgs_per_subject, current.max_age, current.max_msg_size) != (
-        config.max_msgs_per_subject, config.max_age, config.max_msg_size
-    ):
-        await js.update_stream(config)
-
-
-async def ensure_consumer(js: JetStreamContext, settings: Settings) -> str:
-    """The model's durable pull consumer (shared by every worker of the model)."""
-    kind, model = settings.model_kind, settings.model_name
-    durable = p.consumer_name(kind, model)
-    config = ConsumerConfig(
-        durable_name=durable,
-        filter_subject=p.queue_subject(kind, model),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.queue_ack_wait_s,
-        max_deliver=settings.queue_max_deliver,
-        max_ack_pending=settings.queue_max_ack_pending,
-    )
-    try:
-        await js.consumer_info(p.STREAM_NAME, durable)
-    except NotFoundError:
-        await js.add_consumer(p.STREAM_NAME, config)
-    return durable
 
 
 def header_bytes(headers: dict[str, str] | None) -> int:
@@ -116,7 +66,10 @@ class Replier:
 
 
 def reply_targets(*candidates: str | None) -> list[str]:
-    return [c for c in dict.fromkeys(candidates) if c]
+    """Where answers may go: the caller's inboxes, each once. Only `_INBOX.…` subjects: a caller must not be able to
+    make a worker publish on a subject of the fleet's own (a heartbeat, a report, a queue) by naming it as its
+    reply subject or `reply_to`."""
+    return [c for c in dict.fromkeys(candidates) if c and p.is_inbox(c)]
 
 
 class Ingress:

@@ -118,7 +118,8 @@ class NatsSettings(BaseSettings):
     nats_tls_ca: str = Field(default="", description="PEM CA bundle the server's certificate must chain to")
     nats_tls_cert: str = Field(default="", description="PEM client certificate (mutual TLS); with NATS_TLS_KEY")
     nats_tls_key: str = Field(default="", description="PEM private key of NATS_TLS_CERT")
-    nats_inbox_prefix: str = Field(default="", pattern=r"^([A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*)?$",  # no wildcards
+    # workers answer only `_INBOX.…` subjects (queue.reply_targets), so a prefix is `_INBOX.<something>`, no wildcards
+    nats_inbox_prefix: str = Field(default="", pattern=r"^(_INBOX(\.[A-Za-z0-9_$-]+)+)?$",
                                    description="reply subjects start with this instead of _INBOX (per-user inboxes "
                                                "the server's permissions can tell apart, e.g. _INBOX.alice)")
 

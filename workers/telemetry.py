@@ -86,6 +86,12 @@ class Telemetry:
         live = {w for w, seen in self.peers.items() if seen >= horizon}
         return len(live | {self.settings.worker_id})
 
+    def is_live(self, worker_id: str) -> bool:
+        """This instance, or a peer of the model heard within two heartbeat intervals."""
+        seen = self.peers.get(worker_id)
+        return worker_id == self.settings.worker_id or (
+            seen is not None and seen >= time.monotonic() - 2 * self.settings.heartbeat_interval)
+
     async def refresh_depth(self) -> None:
         s = self.settings
         try:

