@@ -10,7 +10,7 @@ WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup models up cluster start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
-	browser test test-unit bench lint typecheck $(WORKERS)
+	browser compose-tool test test-unit bench lint typecheck $(WORKERS)
 
 help: ## this list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -64,7 +64,10 @@ monitor-status: $(STAMP) ## one snapshot of the fleet as a table, then exit
 browser: ## Debian chromium for the dashboard tests (headless, driven by playwright)
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-test: setup browser ## the test suite (real nats-server, real gemma3-270m, headless chromium)
+compose-tool: ## Debian docker-compose, for `docker-compose config` on docker-compose.yml in the tests
+	@command -v docker-compose >/dev/null || (apt-get update && apt-get install -y docker-compose)
+
+test: setup browser compose-tool ## the test suite (real nats-server, real gemma3-270m, headless chromium)
 	$(BIN)/python -m pytest -q
 
 test-unit: $(STAMP) ## the fast tier: no model, no browser (real nats-server where NATS is the point), under a minute

@@ -199,7 +199,11 @@ class FleetClient:
             await sub.unsubscribe()
 
     async def cancel(self, model: str, req_id: str) -> None:
-        await self._nc().publish(p.cancel_subject("inference", model), json.dumps({"req_id": req_id}).encode())
+        """Cancel one of our requests: on our own owner subject when our inboxes carry an owner (`--inbox-prefix
+        _INBOX.<user>`, what a least-privilege server grants), else on the model's open cancel subject."""
+        owner = p.inbox_owner(self._nc().new_inbox())
+        subject = p.owner_cancel_subject("inference", owner, model) if owner else p.cancel_subject("inference", model)
+        await self._nc().publish(subject, json.dumps({"req_id": req_id}).encode())
         await self._unless_denied(self._nc().flush())
 
     async def health(self, model: str, wait: float = 0.5) -> list[dict[str, Any]]:

@@ -342,3 +342,22 @@ async def test_a_worker_keeps_the_password_out_of_events_heartbeats_and_srv_info
     assert ("nats.connected", f"connected to nats://127.0.0.1:{nats_server.port}") in [e[:2] for e in events]
     denied = [json.loads(meta) for code, _, meta in events if code == "nats.permission"]
     assert denied and denied[0]["subject"].startswith("monitoring.") and denied[0]["operation"] == "publish"
+
+
+@pytest.mark.parametrize("prefix,subject", [
+    ("_INBOX.alice", "inference.cancel.alice.gemma3-270m"),  # what a least-privilege client may publish
+    ("", "inference.cancel.gemma3-270m"),  # an open bus: the model's cancel subject
+])
+async def test_nats_chat_cancels_on_its_own_owner_subject_when_its_inbox_has_an_owner(nats_server, prefix, subject):
+    from cli.client import FleetClient
+    from workers.connection import connect as plain_connect
+    from workers.settings import NatsAuth
+
+    watcher = await plain_connect(nats_server.url, name="watcher")
+    seen = await watcher.subscribe("inference.cancel.>")
+    await watcher.flush()
+    async with FleetClient(nats_server.url, auth=NatsAuth(inbox_prefix=prefix or None)) as fleet:
+        await fleet.cancel("gemma3-270m", "r1")
+    msg = await seen.next_msg(timeout=2)
+    assert msg.subject == subject and json.loads(msg.data) == {"req_id": "r1"}
+    await watcher.close()
