@@ -107,7 +107,7 @@ def refusal(e: BaseException, nc: NATS, url: str, auth: NatsAuth) -> str | None:
     # A server that verifies client certificates says so in its INFO; when it refuses ours (or we sent none) the
     # client sees a TLS alert or, as often, just the connection dropped right after the handshake.
     if "CERTIFICATE_REQUIRED" in reason or (nc._server_info.get("tls_verify") and isinstance(
-            e, (ssl.SSLError, ConnectionResetError, EOFError))):
+            e, (ssl.SSLError, OSError, EOFError, StaleConnectionError))):
         if not auth.client_cert:
             return f"the NATS server at {where} requires a client certificate (mutual TLS); set {auth.cert_hint}"
         return (f"the NATS server at {where} did not accept the client certificate ({reason}); check "
@@ -200,6 +200,11 @@ async def connect(url: str, *, name: str, timeout: float | None = None, events: 
         raise
     except (TimeoutError, OSError, NoServersError) as e:
         await _close(nc)
+        if nc._server_info.get("tls_verify") and not auth.client_cert:
+            # The server asked for a client certificate and dropped us; depending on timing nats-py reports that
+            # as a reset, an EOF or no error at all before giving up: say what the server wanted.
+            raise NatsRefused(f"the NATS server at {_server(nc, url)} requires a client certificate (mutual TLS); "
+                              f"set {auth.cert_hint}") from None
         within = f" within {timeout:g} s" if timeout is not None else ""
         raise NatsUnavailable(f"no NATS server answered at {shown}{within} ({type(e).__name__}); "
                               "start one with `make nats` or set NATS_URL") from None
