@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -69,11 +70,14 @@ async def answer(fleet: FleetClient, model: str, body: dict[str, Any], args: arg
             out.print(reply["text"], markup=False)
     else:
         reply = {}
-        async for msg in fleet.stream(model, body, timeout=args.timeout):
-            if msg.get("done") or "delta" not in msg:
-                reply = msg
-                break
-            out.print(msg["delta"], end="", markup=False)
+        # aclosing: the stream's subscription goes when we stop reading, not later at garbage collection after
+        # the connection has closed (which printed "Task exception was never retrieved" after every answer)
+        async with contextlib.aclosing(fleet.stream(model, body, timeout=args.timeout)) as stream:
+            async for msg in stream:
+                if msg.get("done") or "delta" not in msg:
+                    reply = msg
+                    break
+                out.print(msg["delta"], end="", markup=False)
         out.print()
     if args.verbose and not args.json:
         secs = time.perf_counter() - t0

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Coroutine
 from typing import Any, TypeVar
 
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
@@ -169,7 +171,8 @@ class FleetClient:
     async def embed(self, model: str, texts: list[str], timeout: float = 120) -> dict[str, Any]:
         return await self.request("embedding", model, {"input": texts}, timeout)
 
-    async def stream(self, model: str, body: dict[str, Any], timeout: float = 120) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, model: str, body: dict[str, Any], timeout: float = 120
+                     ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield chunk messages `{req_id, index, delta}`, then the final response (`done: true`).
 
         `timeout` is the longest wait for the next message, not for the whole answer."""
@@ -196,7 +199,8 @@ class FleetClient:
                 if data.get("done") or "delta" not in data:
                     return
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(NatsError):  # the connection may be closed already (Ctrl+C, a server gone)
+                await sub.unsubscribe()
 
     async def cancel(self, model: str, req_id: str) -> None:
         """Cancel one of our requests: on our own owner subject when our inboxes carry an owner (`--inbox-prefix

@@ -34,6 +34,7 @@ async def test_one_shot_prints_the_answer_and_json_has_tokens(start_worker, nats
                   "-temperature", "0", "-v", url=nats_server.url)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "8 out" in r.stderr and "tok/s" in r.stderr
+    assert "Traceback" not in r.stderr and "never retrieved" not in r.stderr  # the streamed path ends cleanly
     j = await cli("nats-chat", "--input", "Hi", "--max-tokens", "4", "--json", url=nats_server.url)
     assert j.returncode == 0 and json.loads(j.stdout)["tokens_out"] == 4
 
