@@ -53,9 +53,4 @@ async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[NATS, str]]
             if nc is not None:
                 await nc.close()
             for proc in (worker, server):
-                if proc is not None and proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                broker.stop(proc, grace=60)

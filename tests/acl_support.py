@@ -105,13 +105,7 @@ class AclServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        broker.stop(self.proc)
 
     def seed(self, identity: str) -> Path:
         """The seed file of `identity`, named as its file without .nk: `client.alice`, `worker.inference.x`."""

@@ -32,12 +32,7 @@ def servers(tmp_path: Path) -> Iterator[Serve]:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        broker.stop(proc)
 
 
 class Events:

@@ -46,13 +46,7 @@ class Cluster:
 
     def stop(self) -> None:
         for node in self.alive():
-            assert node.proc is not None
-            node.proc.terminate()
-            try:
-                node.proc.wait(10)
-            except Exception:
-                node.proc.kill()
-                node.proc.wait()
+            broker.stop(node.proc)
 
 
 @pytest.fixture

@@ -48,13 +48,7 @@ class NatsServer:
         self.proc = broker.start(self.port, self.store, extra_args=self.extra_args)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        broker.stop(self.proc)
 
     def restart(self) -> None:
         self.stop()

@@ -68,13 +68,7 @@ async def start_monitor_fixture(nats_server: Any, tmp_path: Path) -> AsyncIterat
 
     yield start
     for m in started:
-        if m.proc.poll() is None:
-            m.proc.terminate()
-            try:
-                m.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                m.proc.kill()
-                m.proc.wait()
+        broker.stop(m.proc)
 
 
 async def wait_http(m: MonitorProc, timeout: float = 15) -> None:

@@ -422,13 +422,7 @@ def processes() -> Iterator[Started]:
     started: Started = []
     yield started
     for proc, _ in started:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        broker.stop(proc)
 
 
 async def start_fleet(acl: AclServer, model_path: Path, tmp_path: Path, started: Started) -> tuple[Conn, int]:

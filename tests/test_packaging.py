@@ -19,6 +19,7 @@ import pytest
 
 from workers import discovery
 from workers.config import ROOT
+from workers.ops import broker
 
 pytestmark = pytest.mark.model  # builds a wheel and starts a worker that loads the model
 
@@ -103,10 +104,5 @@ async def test_an_installed_wheel_runs_a_worker_outside_the_checkout(
         finally:
             await nc.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        broker.stop(proc, grace=30)
     assert (cwd / "data" / "logs" / "wheel-check.sqlite").is_file()  # DATA_DIR defaults to the working directory

@@ -104,17 +104,25 @@ def refusal(e: BaseException, nc: NATS, url: str, auth: NatsAuth) -> str | None:
         return (f"the NATS server at {where} does not offer TLS but tls:// or {auth.ca_hint} asks for it; enable "
                 "`tls {}` on the server or connect with nats:// and no TLS settings")
     reason = str(getattr(e, "reason", None) or text)
-    # A server that verifies client certificates says so in its INFO; when it refuses ours (or we sent none) the
-    # client sees a TLS alert or, as often, just the connection dropped right after the handshake.
-    if "CERTIFICATE_REQUIRED" in reason or (nc._server_info.get("tls_verify") and isinstance(
+    if "CERTIFICATE_REQUIRED" in reason or (wants_client_cert(nc) and isinstance(
             e, (ssl.SSLError, OSError, EOFError, StaleConnectionError))):
         if not auth.client_cert:
-            return f"the NATS server at {where} requires a client certificate (mutual TLS); set {auth.cert_hint}"
+            return client_cert_required(nc, url, auth)
         return (f"the NATS server at {where} did not accept the client certificate ({reason}); check "
                 f"{auth.cert_hint} (signed by a CA the server trusts?)")
     if isinstance(e, ssl.SSLError):
         return f"TLS with the NATS server at {where} failed ({reason}); check {auth.ca_hint} and {auth.cert_hint}"
     return None
+
+
+def wants_client_cert(nc: NATS) -> bool:
+    """The server said in its INFO that it verifies client certificates. When it refuses ours (or we sent none)
+    nats-py sees a TLS alert or, as often, just the connection dropped after the handshake, or nothing at all."""
+    return bool(nc._server_info.get("tls_verify"))
+
+
+def client_cert_required(nc: NATS, url: str, auth: NatsAuth) -> str:
+    return f"the NATS server at {_server(nc, url)} requires a client certificate (mutual TLS); set {auth.cert_hint}"
 
 
 def denied(e: BaseException) -> tuple[str, str] | None:
@@ -200,11 +208,8 @@ async def connect(url: str, *, name: str, timeout: float | None = None, events: 
         raise
     except (TimeoutError, OSError, NoServersError) as e:
         await _close(nc)
-        if nc._server_info.get("tls_verify") and not auth.client_cert:
-            # The server asked for a client certificate and dropped us; depending on timing nats-py reports that
-            # as a reset, an EOF or no error at all before giving up: say what the server wanted.
-            raise NatsRefused(f"the NATS server at {_server(nc, url)} requires a client certificate (mutual TLS); "
-                              f"set {auth.cert_hint}") from None
+        if wants_client_cert(nc) and not auth.client_cert:  # dropped without an error error_cb could read
+            raise NatsRefused(client_cert_required(nc, url, auth)) from None
         within = f" within {timeout:g} s" if timeout is not None else ""
         raise NatsUnavailable(f"no NATS server answered at {shown}{within} ({type(e).__name__}); "
                               "start one with `make nats` or set NATS_URL") from None

@@ -82,9 +82,7 @@ class Telemetry:
 
     @property
     def worker_count(self) -> int:
-        horizon = time.monotonic() - 2 * self.settings.heartbeat_interval
-        live = {w for w, seen in self.peers.items() if seen >= horizon}
-        return len(live | {self.settings.worker_id})
+        return len({w for w in self.peers if self.is_live(w)} | {self.settings.worker_id})
 
     def is_live(self, worker_id: str) -> bool:
         """This instance, or a peer of the model heard within two heartbeat intervals."""

@@ -219,3 +219,15 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
+    """SIGTERM a process we started, SIGKILL it after `grace` seconds, and reap it (nothing if it has exited)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
