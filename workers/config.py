@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import SettingsConfigDict
 
 from .formats import FORMATS
-from .protocol import Kind
+from .protocol import REPLY_PREFIXES, Kind, Limits
 from .settings import BackpressureSettings, ConfigError, NatsSettings, config_error, parse_addr
 
 __all__ = ["ENVS_DIR", "ROOT", "ConfigError", "Settings", "available_workers", "env_file_for", "load_settings",
@@ -78,6 +78,15 @@ class Settings(NatsSettings, BackpressureSettings):
     default_timeout_ms: int = Field(default=300_000, gt=0)
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     drain_timeout: float = Field(default=30.0, ge=0)
+    poison_max_crashes: int = Field(default=2, ge=1)  # attempts that ended with the worker gone, then dead_letter
+    reply_prefixes: str = ",".join(REPLY_PREFIXES)  # where answers may go (comma-separated subject prefixes)
+
+    # what one request may ask (protocol.Limits)
+    max_tokens_limit: int = Field(default=0, ge=0)  # 0: CTX_SIZE
+    embed_max_inputs: int = Field(default=2048, ge=1)
+    embed_max_tokens: int = Field(default=0, ge=0)  # tokens over all inputs of one request; 0: 64 × CTX_SIZE
+    grammar_max_bytes: int = Field(default=64 * 1024, ge=64)
+    grammar_max_depth: int = Field(default=64, ge=1)
 
     # telemetry and log
     heartbeat_interval: float = Field(default=10.0, gt=0)
@@ -92,6 +101,15 @@ class Settings(NatsSettings, BackpressureSettings):
     def _addr(cls, v: str) -> str:
         if v:
             parse_addr(v, "HTTP_ADDR")
+        return v
+
+    @field_validator("reply_prefixes")
+    @classmethod
+    def _prefixes(cls, v: str) -> str:
+        for prefix in (x.strip() for x in v.split(",")):
+            if not prefix.endswith(".") or any(c in prefix for c in " *>") or prefix.startswith(("$", ".")):
+                raise ValueError(f"{prefix!r} is not a subject prefix such as _INBOX. (end it with a dot; no "
+                                 "wildcards, no $ subjects)")
         return v
 
     @field_validator("model_format")
@@ -123,6 +141,19 @@ class Settings(NatsSettings, BackpressureSettings):
             raise ValueError(f"API_KEY_FILE={self.api_key_file} is empty")
         self.api_key = SecretStr(key)
         return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_tokens=min(self.max_tokens_limit or self.ctx_size, self.ctx_size),
+            embed_max_inputs=self.embed_max_inputs, grammar_max_bytes=self.grammar_max_bytes,
+            grammar_max_depth=self.grammar_max_depth,
+            reply_prefixes=tuple(x.strip() for x in self.reply_prefixes.split(",") if x.strip()),
+        )
+
+    @property
+    def embed_token_cap(self) -> int:
+        return self.embed_max_tokens or 64 * self.ctx_size
 
     @property
     def models_dir(self) -> Path:

@@ -33,9 +33,15 @@ H_ENQUEUED_AT = "Fleet-Enqueued-At"  # ms since the epoch
 H_DEADLINE = "Fleet-Deadline"  # ms since the epoch; after it the caller has given up
 H_REQ_ID = "Fleet-Req-Id"
 H_INGRESS = "Fleet-Ingress"  # worker_id of the ingress that queued it
-# Headers a caller may set.
+# Headers a caller may set (kept through the queue into the log row and the reply headers).
 H_TIMEOUT_MS = "Fleet-Timeout-Ms"
 H_TRACE_ID = "Fleet-Trace-Id"
+H_TRACEPARENT = "traceparent"  # W3C trace context
+CALLER_HEADERS = (H_TIMEOUT_MS, H_TRACE_ID, H_TRACEPARENT)
+# Set on an answer sent although another attempt of the same request may have answered too.
+H_DUPLICATE = "Fleet-Duplicate"
+# JetStream's de-duplication id: the ingress sets it to the req_id (a retry within the window is one job).
+H_MSG_ID = "Nats-Msg-Id"
 # ADR-32 error headers on error replies.
 H_ERROR_CODE = "Nats-Service-Error-Code"
 H_ERROR = "Nats-Service-Error"
@@ -88,11 +94,23 @@ def owner_cancel_subject(kind: Kind, owner: str, model: str) -> str:
 
 
 INBOX_PREFIX = "_INBOX"
+REPLY_PREFIXES = (INBOX_PREFIX + ".",)  # where answers may go unless REPLY_PREFIXES says more
+_SUBJECT_OK = re.compile(r"^[^\s*>]+$")
 
 
-def is_inbox(subject: str) -> bool:
-    """A reply subject answers may go to: `_INBOX.<…>`, no wildcards."""
-    return subject.startswith(INBOX_PREFIX + ".") and "*" not in subject and ">" not in subject
+def is_inbox(subject: str, prefixes: tuple[str, ...] = REPLY_PREFIXES) -> bool:
+    """A reply subject answers may go to: one of `prefixes` (`_INBOX.` by default), no wildcards, no blanks,
+    no empty tokens."""
+    return (subject.startswith(prefixes) and bool(_SUBJECT_OK.match(subject)) and ".." not in subject
+            and not subject.endswith(".") and len(subject) <= MAX_SUBJECT)
+
+
+def check_reply_to(subject: str | None, prefixes: tuple[str, ...] = REPLY_PREFIXES) -> None:
+    """A 400 for a reply subject answers may not go to (a queue, a request subject, `$JS.API…`)."""
+    if subject is not None and not is_inbox(subject, prefixes):
+        allowed = " or ".join(f"{x}…" for x in prefixes)
+        raise BadRequest("invalid_reply_to", f"reply_to {subject[:80]!r} is not an inbox; answers go only to "
+                         f"{allowed} subjects")
 
 
 def inbox_owner(inbox: str | None) -> str | None:
@@ -111,6 +129,13 @@ def service_name(model: str) -> str:
 
 def ingress_group(kind: Kind, model: str) -> str:
     return f"ingress-{kind}-{token(model)}"
+
+
+MAX_SUBJECT = 1024
+REQ_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_STOPS = 16  # stop strings per request
+MAX_STOP_CHARS = 256
+MAX_JSON_DEPTH = 64  # nesting of a request body; real ones use 4
 
 
 def now_ms() -> int:
@@ -144,10 +169,26 @@ class Params(_Message):
     def _stop_as_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounded(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) > MAX_STOPS:
+                raise ValueError(f"at most {MAX_STOPS} stop strings")
+            if any(len(x) > MAX_STOP_CHARS or not x for x in v):
+                raise ValueError(f"stop strings are 1-{MAX_STOP_CHARS} characters")
+        return v
+
 
 class ChatMessage(_Message):
     role: Literal["system", "user", "assistant", "model"]
     content: str
+
+
+def _req_id(v: str | None) -> str | None:
+    if v is not None and not REQ_ID.match(v):
+        raise ValueError("req_id is 1-128 letters, digits, '_', '-', '.' or ':' (omit it and the worker picks one)")
+    return v
 
 
 class InferenceRequest(_Message):
@@ -160,7 +201,17 @@ class InferenceRequest(_Message):
     reply_to: str | None = None
     timeout_ms: int | None = Field(default=None, gt=0)
 
-    def check(self) -> None:
+    _check_req_id = field_validator("req_id")(_req_id)
+
+    def check(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        if self.params.max_tokens is not None and self.params.max_tokens > limits.max_tokens:
+            raise BadRequest("context_overflow", f"max_tokens {self.params.max_tokens} is more than this model "
+                             f"answers ({limits.max_tokens}, MAX_TOKENS_LIMIT); ask for fewer")
+        if self.params.grammar is not None and "::=" in self.params.grammar:
+            if (problem := gbnf_problem(self.params.grammar, limits)) is not None:
+                raise BadRequest("invalid_grammar", problem)
+        check_reply_to(self.reply_to, limits.reply_prefixes)
         if self.messages:
             if not any(m.content.strip() for m in self.messages):
                 raise BadRequest("empty_input", "messages contain no text; send at least one non-empty message")
@@ -175,11 +226,18 @@ class EmbeddingRequest(_Message):
     reply_to: str | None = None
     timeout_ms: int | None = Field(default=None, gt=0)
 
+    _check_req_id = field_validator("req_id")(_req_id)
+
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
-    def check(self) -> None:
+    def check(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits()
+        check_reply_to(self.reply_to, limits.reply_prefixes)
         texts = self.texts()
+        if len(texts) > limits.embed_max_inputs:
+            raise BadRequest("too_many_inputs", f"{len(texts)} inputs in one request; the limit is "
+                             f"{limits.embed_max_inputs} (EMBED_MAX_INPUTS): split them over several requests")
         if not texts:
             raise BadRequest("empty_input", "input is an empty list; send a string or a list of strings")
         for i, t in enumerate(texts):
@@ -255,6 +313,15 @@ class Backpressure(_Message):
     utilization: float
 
 
+class Alert(_Message):
+    """Something an operator should see on the monitor (the stream was recreated, a request crashed workers)."""
+
+    ts: float  # epoch seconds
+    kind: str  # the event name in the worker's log (stream.recreated, request.poison, …)
+    message: str
+    level: Level = "warning"
+
+
 class Health(_Message):
     """The health reply and the heartbeat body."""
 
@@ -273,6 +340,10 @@ class Health(_Message):
     uptime_s: float
     heartbeat_interval_s: float
     seq: int
+    # A random token per worker process, the same in every heartbeat: the monitor keeps the first one it saw for a
+    # worker_id and ignores heartbeats with another (a forged `stopping`), until that worker has gone quiet.
+    instance: str | None = None
+    alerts: list[Alert] = Field(default_factory=list)  # the worker's recent warnings, newest last (at most 5)
 
 
 class BackpressureReport(_Message):
@@ -312,22 +383,114 @@ class BadRequest(Exception):
             self.status = status
 
 
-def parse_request(kind: Kind, data: bytes) -> InferenceRequest | EmbeddingRequest:
-    """Decode and validate a request body, raising BadRequest with one readable sentence."""
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask of a worker (the worker's settings; these defaults are for tests)."""
+
+    max_tokens: int = 1 << 20  # MAX_TOKENS_LIMIT (a worker: its CTX_SIZE unless set lower)
+    embed_max_inputs: int = 2048  # EMBED_MAX_INPUTS, as OpenAI
+    grammar_max_bytes: int = 64 * 1024  # GRAMMAR_MAX_BYTES
+    grammar_max_depth: int = 64  # GRAMMAR_MAX_DEPTH: nesting of ( ) and [ ] groups
+    reply_prefixes: tuple[str, ...] = REPLY_PREFIXES
+
+
+def gbnf_problem(text: str, limits: Limits) -> str | None:
+    """Why a GBNF grammar is refused before llama.cpp parses it (its parser recurses once per nested group and
+    crashes the process around 20,000 levels), or None. Counts ( ) nesting outside strings and character classes."""
+    size = len(text.encode(errors="replace"))
+    if size > limits.grammar_max_bytes:
+        return (f"the grammar is {size} bytes; the limit is {limits.grammar_max_bytes} (GRAMMAR_MAX_BYTES): "
+                "store it with PUT /grammars/<name> once it is smaller, or simplify it")
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":  # a comment runs to the end of the line
+            while i < n and text[i] not in "\r\n":
+                i += 1
+        elif c in "\"[":  # a literal or a character class: skip it, honouring backslash escapes
+            close = "\"" if c == "\"" else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    if deepest > limits.grammar_max_depth:
+        return (f"the grammar nests groups {deepest} deep; the limit is {limits.grammar_max_depth} "
+                "(GRAMMAR_MAX_DEPTH): name the inner groups as rules")
+    return None
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON for a request body: 400 `invalid_json` for bad syntax or nesting deeper than MAX_JSON_DEPTH, 400
+    `invalid_input` for bytes that are not UTF-8 and for lone surrogates (text llama.cpp cannot take)."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequest("invalid_input", f"body is not UTF-8 (byte {e.start}); send UTF-8 text") from None
+    if _too_deep(data):
+        raise BadRequest("invalid_json", f"body nests arrays or objects more than {MAX_JSON_DEPTH} deep")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest("invalid_json", f"body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest("invalid_json", f"body is not valid JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:
+        raise BadRequest("invalid_json", f"body nests more than {MAX_JSON_DEPTH} deep") from None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("invalid_input", "the body holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                         "text; send valid Unicode") from None
+    return obj
+
+
+def _too_deep(text: str) -> bool:
+    """Whether brackets nest deeper than MAX_JSON_DEPTH, cheaply and without recursion (strings skipped)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
+def parse_request(kind: Kind, data: bytes, limits: Limits | None = None) -> InferenceRequest | EmbeddingRequest:
+    """Decode and validate a request body, raising BadRequest with one readable sentence."""
+    obj = loads(data)
     if not isinstance(obj, dict):
         raise BadRequest("invalid_request", "body must be a JSON object such as {\"input\": \"Hello\"}")
     try:
         req = KINDS[kind].request.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise BadRequest("invalid_request", f"{where}: {err['msg']}") from None
-    req.check()
+        raise BadRequest("invalid_request", validation_message(e)) from None
+    req.check(limits)
     return req
+
+
+def validation_message(e: ValidationError) -> str:
+    """pydantic's first complaint as one sentence naming the field."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
 
 
 # --- model kinds ---------------------------------------------------------------
