@@ -24,6 +24,10 @@ class MonitorSettings(NatsSettings):
     nats_connect_timeout: float = Field(default=5.0, gt=0)  # `tui --once` gives up after this
     monitor_addr: str = "127.0.0.1:8080"  # this machine only; other hosts: MONITOR_ADDR=:8080 with MONITOR_TOKEN
     monitor_token: str = ""  # when set, the dashboard, /api/* and /metrics require it
+    # After a wrong token, an address waits this long for its answer, doubling with each further failure up to
+    # the max; until the wait is over its next tries are refused (429) unchecked. The right token resets it.
+    monitor_login_delay: float = Field(default=0.25, gt=0)
+    monitor_login_delay_max: float = Field(default=8.0, gt=0)
 
     # registry
     purge_after: float = Field(default=3600.0, gt=0)  # seconds after it was last heard that an instance is dropped
@@ -39,6 +43,7 @@ class MonitorSettings(NatsSettings):
     # loops
     monitor_sweep_interval: float = Field(default=60.0, gt=0)  # $SRV.PING + health requests
     monitor_sweep_wait: float = Field(default=0.6, gt=0)  # how long a sweep collects replies
+    monitor_confirm_interval: float = Field(default=5.0, gt=0)  # earliest next sweep after a new heartbeat-only one
     monitor_tick_interval: float = Field(default=0.5, gt=0)  # status changes, purge, SSE pushes
     monitor_sse_ping: float = Field(default=15.0, gt=0)  # keep-alive comment on idle SSE streams
     monitor_sse_queue: int = Field(default=256, ge=8)  # events buffered per SSE client before it is dropped

@@ -4,6 +4,8 @@ A sweep asks `$SRV.PING` who is there (every worker is a `nats.micro` service wh
 and sends one `models.<model>.health` request per model it learns of; every instance answers that (no queue
 group), so a running fleet is in the registry well within a second of the monitor starting. It repeats every
 MONITOR_SWEEP_INTERVAL and after each reconnect; between sweeps, heartbeats and reports keep the picture fresh.
+A new instance first heard by heartbeat brings the next sweep forward (at most one per MONITOR_CONFIRM_INTERVAL),
+so a worker that starts after the monitor is confirmed by its health reply within seconds.
 """
 
 from __future__ import annotations
@@ -11,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from workers import discovery
-from workers import protocol as p
 from workers.connection import NatsRefused, NatsUnavailable, connect
 
 from .config import MonitorSettings
-from .registry import Registry, decode_health
+from .registry import Registry, decode_health, decode_report
 
 __all__ = ["Feed", "NatsRefused", "NatsUnavailable", "login_refused"]
 
@@ -36,6 +38,7 @@ class Feed:
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_up: asyncio.Task[None] | None = None
+        self._swept_at = 0.0  # monotonic start of the last sweep
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class Feed:
         MONITOR_SWEEP_WAIT."""
         if self.nc is None or not self.nc.is_connected:
             return
+        self._swept_at = time.monotonic()
         await discovery.sweep(self.nc, self.settings.monitor_sweep_wait, known=list(self.registry.models),
                               on_health=lambda data: self._observe_health(data, "health"))
 
@@ -115,6 +119,17 @@ class Feed:
         while True:
             await asyncio.sleep(self.settings.monitor_tick_interval)
             self.registry.tick()
+            self._confirm_soon()
+
+    def _confirm_soon(self) -> None:
+        """Sweep early when instances arrived by heartbeat only, so real workers answer for themselves before a
+        flood of forged ones fills MONITOR_MAX_INSTANCES."""
+        reg = self.registry
+        if not reg.unconfirmed_arrived or time.monotonic() - self._swept_at < self.settings.monitor_confirm_interval:
+            return
+        if self._catch_up is None or self._catch_up.done():
+            reg.unconfirmed_arrived = False
+            self._catch_up = asyncio.create_task(self._sweep_quietly(), name="sweep-to-confirm")
 
     # --- input ---------------------------------------------------------------------------------
 
@@ -133,7 +148,7 @@ class Feed:
             self.registry.counters["invalid"] += 1
             return
         self.registry.counters["heartbeats" if source == "heartbeat" else "health_replies"] += 1
-        self.registry.observe_health(health)
+        self.registry.observe_health(health, confirmed=source == "health")
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         self._observe_health(msg.data, "heartbeat")
@@ -142,13 +157,12 @@ class Feed:
         if self._too_big(msg.data):
             return
         try:
-            report = p.BackpressureReport.model_validate_json(msg.data)
-        except ValidationError:
+            report = decode_report(msg.data)
+        except (ValueError, ValidationError):
             self.registry.counters["invalid"] += 1
             return
         self.registry.counters["reports"] += 1
         self.registry.observe_report(report)
-
 
 
 async def login_refused(settings: MonitorSettings, timeout: float = 2.0) -> str | None:

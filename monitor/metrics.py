@@ -62,7 +62,7 @@ class FleetCollector(Collector):
         messages = CounterMetricFamily("monitor_messages", "Messages the monitor took in", labels=["kind"])
         for kind, n in (("heartbeats", stats.heartbeats), ("reports", stats.reports),
                         ("health_replies", stats.health_replies), ("invalid", stats.invalid),
-                        ("oversized", stats.oversized)):
+                        ("oversized", stats.oversized), ("foreign", stats.foreign)):
             messages.add_metric([kind], n)
         yield messages
         yield CounterMetricFamily("monitor_instances_evicted", "Instances dropped to stay within "

@@ -4,8 +4,13 @@ Instances are keyed by `worker_id` and grouped by the `model_name` their bodies 
 all). Liveness is judged on the monitor's own clock from when it last heard from an instance, against the
 heartbeat interval that instance announced: `stale` after 1x (plus a little grace), `offline` after 2x, or at
 once when the instance says it is `stopping`. Offline instances are purged after PURGE_AFTER. Memory is bounded
-by MONITOR_MAX_INSTANCES (the least recently heard instance is evicted first) and MONITOR_HISTORY_LEN samples
-per model; models exist only while they have an instance.
+by MONITOR_MAX_INSTANCES (evicting unconfirmed instances first, then offline ones, then the least recently heard)
+and MONITOR_HISTORY_LEN samples per model; models exist only while they have an instance.
+
+Anyone on the bus can publish a heartbeat, so the registry trusts bodies only so far: their strings are cleaned
+on the way in (clean.py); a worker_id is held by the first `instance` token heard for it, and bodies with another
+token are ignored until that instance has gone quiet (a forged `stopping` cannot take a running worker off the
+board); and the instance cap evicts instances no health reply has confirmed before any confirmed one.
 
 What the views get out of it are the shapes in shapes.py. The clock is injectable (`clock=`, or `now=` per
 call), so tests drive liveness on a synthetic one; wall-clock times are only ever shown, never judged on.
@@ -14,17 +19,19 @@ call), so tests drive liveness on a synthetic one; wall-clock times are only eve
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from workers import protocol as p
 
+from . import clean
 from .config import MonitorSettings
 from .shapes import (
+    AlertEntry,
     Event,
     History,
     InstanceEntry,
@@ -38,23 +45,44 @@ from .shapes import (
     Snapshot,
     Stats,
     StatusChange,
+    WorkerAlert,
 )
+
+log = logging.getLogger(__name__)
 
 # Best first: a model's status is the best of its instances'.
 STATUS_ORDER: dict[Liveness, int] = {"online": 0, "draining": 1, "starting": 2, "stale": 3, "offline": 4}
 LIVE: tuple[Liveness, ...] = ("online", "draining", "starting")
+SERVICE_ALERTS = 10  # the newest alerts over a model's instances shown with the model
+
+
+def _wire(data: bytes) -> dict[str, Any]:
+    """A body off the bus as a JSON object with its strings cleaned; ValueError if it is not one."""
+    try:
+        obj = p.loads(data)
+    except p.BadRequest as e:
+        raise ValueError(e.message) from None
+    if not isinstance(obj, dict):
+        raise ValueError("body is not a JSON object")
+    obj = clean.body(obj)
+    if not all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("model_name", "worker_id")):
+        raise ValueError("body names no model or worker")
+    return obj
 
 
 def decode_health(data: bytes) -> p.Health:
-    """A heartbeat or health reply. Workers leave `None` fields out of the JSON while `protocol.Health` requires
-    them, so they are put back before validation."""
-    obj = json.loads(data)
-    if not isinstance(obj, dict):
-        raise ValueError("health body is not a JSON object")
+    """A heartbeat or health reply, cleaned. Workers leave `None` fields out of the JSON while `protocol.Health`
+    requires them, so they are put back before validation."""
+    obj = _wire(data)
     obj.setdefault("endpoint", None)
     if isinstance(obj.get("queue_metrics"), dict):
         obj["queue_metrics"].setdefault("last_processed_at", None)
     return p.Health.model_validate(obj)
+
+
+def decode_report(data: bytes) -> p.BackpressureReport:
+    """A backpressure report, cleaned."""
+    return p.BackpressureReport.model_validate(_wire(data))
 
 
 @dataclass(slots=True)
@@ -71,6 +99,8 @@ class Instance:
     data_at: float  # monotonic time of those numbers
     rps: float | None = None  # unknown until two bodies at least a second apart
     rate_mark: tuple[float, int] | None = None  # (monotonic, total_processed) the rate is measured from
+    confirmed: bool = False  # a health reply came from it: a live worker, not just a heartbeat anyone could send
+    foreign_logged: bool = False  # bodies from another instance token were ignored, and that was logged
 
 
 @dataclass(slots=True)
@@ -108,29 +138,44 @@ class Registry:
         self.listeners: set[Listener] = set()
         self.nats_connected = False
         self.counters = {"heartbeats": 0, "reports": 0, "health_replies": 0, "invalid": 0, "oversized": 0,
-                         "evicted": 0, "purged": 0}
+                         "foreign": 0, "evicted": 0, "purged": 0}
+        self.unconfirmed_arrived = False  # a new instance came by heartbeat: the feed sweeps early to confirm it
         self._dirty: set[str] = set()
         self._last_sample = 0.0
         self._nats_shown: bool | None = None
 
     # --- input ------------------------------------------------------------------------------
 
-    def observe_health(self, h: p.Health, now: float | None = None) -> None:
-        """A heartbeat or a health reply: create or refresh the instance."""
+    def observe_health(self, h: p.Health, now: float | None = None, *, confirmed: bool = False) -> None:
+        """A heartbeat or a health reply (`confirmed`: it answered the monitor's request): create or refresh the
+        instance, unless the body comes from another instance than the one holding its worker_id."""
         now = self._now(now)
         wall = time.time()
         inst = self.instances.get(h.worker_id)
         qm = h.queue_metrics
         new = inst is None
+        if inst is not None and not self._accepts(inst, h, now, confirmed):
+            self.counters["foreign"] += 1
+            if not inst.foreign_logged:
+                inst.foreign_logged = True
+                log.warning("ignoring bodies for worker %s from another instance (%.16s, holding %.16s); "
+                            "two workers share that WORKER_ID, or someone forges its heartbeats",
+                            h.worker_id, h.instance or "none", inst.health.instance)
+            return
         if inst is None:
             self._make_room()
             inst = Instance(h, wall, wall, now, self._liveness(h, 0.0), qm.pending_messages, qm.active_processing,
                             qm.queue_capacity, h.backpressure_status.level, now)
             self.instances[h.worker_id] = inst
-        elif inst.health.model_name != h.model_name:
-            self._detach(h.worker_id, inst.health.model_name)
+            self.unconfirmed_arrived |= not confirmed
+        else:
+            if inst.health.model_name != h.model_name:
+                self._detach(h.worker_id, inst.health.model_name)
+            if h.instance != inst.health.instance:  # another process took the id over: start its record afresh
+                inst.confirmed = inst.foreign_logged = False
         self._attach(h.worker_id, h.model_name, wall)
         inst.health, inst.last_seen, inst.seen_at = h, wall, now
+        inst.confirmed |= confirmed
         if now >= inst.data_at:
             inst.pending, inst.active, inst.capacity = qm.pending_messages, qm.active_processing, qm.queue_capacity
             inst.level, inst.data_at = h.backpressure_status.level, now
@@ -224,6 +269,18 @@ class Registry:
             return "stale"
         return status
 
+    def _accepts(self, inst: Instance, h: p.Health, now: float, confirmed: bool) -> bool:
+        """Whether `h` may speak for the worker_id `inst` holds. The first instance token heard keeps it while it
+        is live; a body without a token counts as another instance then. A worker that never sent a token (older
+        workers) is taken at its word, as before tokens existed. A health reply may take over from a holder that
+        never answered one (a forger that got in first)."""
+        held = inst.health.instance
+        if held is None or h.instance == held:
+            return True
+        if self._liveness(inst.health, now - inst.seen_at) in ("stale", "offline"):
+            return True  # the holder went quiet or stopped: a restart under the same id
+        return confirmed and not inst.confirmed
+
     def _set_status(self, inst: Instance, status: Liveness) -> None:
         if status != inst.status:
             old, inst.status = inst.status, status
@@ -266,8 +323,10 @@ class Registry:
     def _make_room(self) -> None:
         if len(self.instances) < self.settings.monitor_max_instances:
             return
-        # the least recently heard instance goes, offline ones before live ones
-        victim = min(self.instances.items(), key=lambda kv: (kv[1].status != "offline", kv[1].seen_at))[0]
+        # Unconfirmed instances go before any confirmed one (a flood of forged heartbeats must not push real
+        # workers out), offline before live, and then the least recently heard.
+        victim = min(self.instances.items(),
+                     key=lambda kv: (kv[1].confirmed, kv[1].status != "offline", kv[1].seen_at))[0]
         self._remove(victim)
         self.counters["evicted"] += 1
 
@@ -317,6 +376,8 @@ class Registry:
             instance_count=len(g.instances),
             online_count=len(g.live),
             instances=[self._instance(i, now) for i in sorted(g.instances, key=lambda i: i.health.worker_id)],
+            alerts=sorted((WorkerAlert(worker_id=i.health.worker_id, **a.model_dump()) for i in g.instances
+                           for a in i.health.alerts), key=lambda a: a.ts)[-SERVICE_ALERTS:],
             history=History(t=[round(t, 1) for t, _, _ in m.history], queue_depth=[d for _, d, _ in m.history],
                             requests_per_s=[r for _, _, r in m.history]),
         )
@@ -336,6 +397,8 @@ class Registry:
                                         total_failed=qm.total_failed, last_processed_at=qm.last_processed_at),
             backpressure_status=_pressure(inst),
             requests_per_s=inst.rps,
+            confirmed=inst.confirmed,
+            alerts=[AlertEntry(**a.model_dump()) for a in h.alerts],
         )
 
 

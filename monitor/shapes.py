@@ -81,6 +81,27 @@ class History(_Shape):
     """`requests_per_s` at each sample, 0.0 while unknown."""
 
 
+class AlertEntry(_Shape):
+    """A warning a worker sends with its heartbeat (`protocol.Alert`): the stream was recreated, a request
+    crashed workers, ... Workers keep their newest few; the monitor shows what the last body held."""
+
+    ts: float
+    """Epoch seconds it happened, as the worker says."""
+    kind: str
+    """The event's name in the worker's log (`stream.recreated`, `request.poison`, ...)."""
+    message: str
+    """One sentence for the operator."""
+    level: p.Level
+    """`warning` or `critical` (`healthy`: informational)."""
+
+
+class WorkerAlert(AlertEntry):
+    """An alert in a model's entry, with the instance it came from."""
+
+    worker_id: str
+    """The instance that sent it."""
+
+
 class InstanceEntry(_Shape):
     """One worker process as the monitor sees it."""
 
@@ -114,6 +135,11 @@ class InstanceEntry(_Shape):
     requests_per_s: float | None
     """Requests finished per second, from the change in total_processed between bodies at least a second
     apart; null until there are two."""
+    confirmed: bool
+    """Whether it has answered one of the monitor's health requests (a live worker on the bus, not only a
+    heartbeat, which anyone may publish): MONITOR_MAX_INSTANCES evicts unconfirmed instances first."""
+    alerts: list[AlertEntry]
+    """The worker's recent warnings from its last body, newest last (at most 5)."""
 
 
 class ServiceEntry(_Shape):
@@ -158,6 +184,8 @@ class ServiceEntry(_Shape):
     """Instances that are online, draining or starting."""
     instances: list[InstanceEntry]
     """Sorted by worker_id."""
+    alerts: list[WorkerAlert]
+    """The newest alerts over its instances (at most 10), oldest first."""
     history: History
 
 
@@ -235,6 +263,9 @@ class Stats(_Shape):
     """Bodies dropped because they did not parse or validate."""
     oversized: int
     """Bodies dropped for being over MONITOR_MAX_MESSAGE_BYTES."""
+    foreign: int
+    """Heartbeats and health replies ignored because another instance token holds their worker_id (a forgery,
+    or two workers sharing a WORKER_ID)."""
     evicted: int
     """Instances dropped to stay within MONITOR_MAX_INSTANCES."""
     purged: int

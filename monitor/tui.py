@@ -91,6 +91,20 @@ def table(services: list[ServiceEntry], sort: str = "m", reverse: bool = False, 
     return t
 
 
+def alerts(services: list[ServiceEntry], limit: int = 5) -> Text | None:
+    """The fleet's newest worker alerts, one line each (newest last), or None if there are none."""
+    found = sorted(((a, s.model_name) for s in services for a in s.alerts), key=lambda pair: pair[0].ts)[-limit:]
+    if not found:
+        return None
+    lines = Text("alerts", style="bold")
+    for a, model in found:
+        style = LEVEL_STYLE[a.level] if a.level != "healthy" else "grey62"
+        lines.append("\n")
+        lines.append_text(Text.assemble(("⚠ " if a.level != "healthy" else "· ", style), (a.kind, style), "  ",
+                                        a.message, "  ", (f"{model} · {a.worker_id} · {ago(a.ts)}", "grey62")))
+    return lines
+
+
 def screen(registry: Registry, settings: MonitorSettings, sort: str, reverse: bool) -> Group:
     services = registry.services()
     live = sum(s.online_count for s in services)
@@ -103,7 +117,8 @@ def screen(registry: Registry, settings: MonitorSettings, sort: str, reverse: bo
         "no workers seen yet: start some with `make up` (they appear on their first heartbeat)", style="yellow")
     keys = "  ".join(f"{k} {label}" for k, (label, _) in SORTS.items())
     foot = Text(f"sort: {keys}  (again: reverse)   q quit", style="grey62")
-    return Group(head, Text(""), body, Text(""), foot)
+    warned = alerts(services)
+    return Group(head, Text(""), body, Text(""), *((warned, Text("")) if warned else ()), foot)
 
 
 async def snapshot(settings: MonitorSettings) -> Registry:
@@ -127,7 +142,10 @@ def once(settings: MonitorSettings, console: Console | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if registry.models:
-        console.print(table(registry.services(), expand=False))
+        services = registry.services()
+        console.print(table(services, expand=False))
+        if warned := alerts(services):
+            console.print(warned)
     else:
         console.print(f"no workers answered at {redact(settings.nats_url)}", markup=False)
     return 0

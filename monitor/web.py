@@ -1,7 +1,8 @@
 """The monitor's HTTP side (Starlette): REST, server-sent events, Prometheus gauges and the dashboard.
 
 Read-only by design: no endpoint changes a worker. With MONITOR_TOKEN set, everything but /healthz asks for
-the token, as `Authorization: Bearer <token>` or the cookie the login form sets.
+the token, as `Authorization: Bearer <token>` or the cookie the login form sets; wrong tokens are answered
+ever more slowly per client address (throttle.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import html
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from .feed import Feed
 from .metrics import render_metrics
 from .registry import Registry
 from .shapes import Healthz
+from .throttle import Throttle, client_key
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
@@ -35,6 +39,7 @@ COOKIE = "fleet_monitor"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+WRONG = "That token is not right."
 SECURITY = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -49,19 +54,35 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None, *, f
     source = Feed(reg, settings) if feed else None
     session = hmac.new(settings.monitor_token.encode(), b"fleet-monitor-session", hashlib.sha256).hexdigest()
 
-    def authorized(request: Request) -> bool:
-        if not settings.monitor_token:
-            return True
-        bearer = request.headers.get("authorization", "")
-        if bearer.lower().startswith("bearer ") and hmac.compare_digest(bearer[7:].strip().encode(),
-                                                                         settings.monitor_token.encode()):
-            return True
+    throttle = Throttle(settings.monitor_login_delay, settings.monitor_login_delay_max)
+
+    def has_session(request: Request) -> bool:
         return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session.encode())
+
+    async def check_token(request: Request, given: str) -> tuple[int, int]:
+        """(200, 0) for the right token; (401, 0) for a wrong one, answered after its address's delay; (429, s)
+        while that address still waits out its last one: not checked at all, `s` seconds to go."""
+        addr = client_key(request.client.host if request.client else None)
+        if wait := throttle.blocked(addr):
+            return 429, math.ceil(wait)
+        if hmac.compare_digest(given.encode(), settings.monitor_token.encode()):
+            throttle.succeeded(addr)
+            return 200, 0
+        await asyncio.sleep(throttle.failed(addr))
+        return 401, 0
 
     def guarded(handler: Handler, page: bool = False) -> Handler:
         async def guard(request: Request) -> Response:
-            if authorized(request):
+            if not settings.monitor_token or has_session(request):
                 return await handler(request)
+            bearer = request.headers.get("authorization", "")
+            if bearer.lower().startswith("bearer "):
+                status, wait = await check_token(request, bearer[7:].strip())
+                if status == 200:
+                    return await handler(request)
+                if status == 429:
+                    return JSONResponse({"error": f"too many wrong tokens from this address; try again in {wait} s"},
+                                        status_code=429, headers={"Retry-After": str(wait)})
             if page:
                 return login_page(status=401)
             return JSONResponse({"error": "this monitor needs its token: send 'Authorization: Bearer <token>'"},
@@ -78,10 +99,18 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None, *, f
         return Response((STATIC / name).read_bytes(), media_type=ASSETS[name], headers=SECURITY)
 
     async def login(request: Request) -> Response:
-        form = parse_qs((await request.body()).decode(errors="replace"))
+        form = await _form(request)
+        if form is None:
+            return login_page(status=413, note="That form is too large.")
         given = (form.get("token") or [""])[0]
-        if not settings.monitor_token or not hmac.compare_digest(given.encode(), settings.monitor_token.encode()):
-            return login_page(status=401, failed=True)
+        if not settings.monitor_token:
+            return login_page(status=401, note=WRONG)
+        status, wait = await check_token(request, given)
+        if status == 429:
+            return login_page(status=429, note=f"Too many wrong tokens from here: wait {wait} s and try again.",
+                              headers={"Retry-After": str(wait)})
+        if status != 200:
+            return login_page(status=401, note=WRONG)
         resp = RedirectResponse("/", status_code=303)
         resp.set_cookie(COOKIE, session, httponly=True, samesite="strict", path="/")
         return resp
@@ -154,9 +183,19 @@ async def _stream(reg: Registry) -> AsyncIterator[dict[str, Any]]:
         reg.unlisten(lst)
 
 
-def login_page(status: int = 200, failed: bool = False) -> HTMLResponse:
-    note = '<p class="bad">That token is not right.</p>' if failed else ""
-    html = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Fleet monitor: sign in</title>
+async def _form(request: Request, limit: int = 4096) -> dict[str, list[str]] | None:
+    """The login form, read no further than `limit` bytes (None beyond: a token is never that long)."""
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return parse_qs(data.decode(errors="replace"))
+
+
+def login_page(status: int = 200, note: str = "", headers: dict[str, str] | None = None) -> HTMLResponse:
+    note = f'<p class="bad">{html.escape(note)}</p>' if note else ""
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Fleet monitor: sign in</title>
 <meta name="viewport" content="width=device-width,initial-scale=1"><style>
 body{{font:15px system-ui,sans-serif;background:#0f1420;color:#e6e9ef;display:grid;place-items:center;height:100vh;
 margin:0}}form{{background:#171e2e;padding:28px 32px;border-radius:10px;border:1px solid #263048;min-width:300px}}
@@ -166,4 +205,5 @@ border-radius:6px;border:0;background:#3b82f6;color:#fff;font-weight:600}}.bad{{
 <body><form method="post" action="/login"><h1>Fleet monitor</h1>{note}<label for="token">Monitor token</label>
 <input id="token" name="token" type="password" autocomplete="current-password" autofocus>
 <button type="submit">Sign in</button></form></body></html>"""
-    return HTMLResponse(html, status_code=status, headers={**SECURITY, "Content-Security-Policy": LOGIN_CSP})
+    return HTMLResponse(page, status_code=status,
+                        headers={**SECURITY, "Content-Security-Policy": LOGIN_CSP, **(headers or {})})

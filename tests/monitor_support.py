@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,37 @@ def fetch(url: str, method: str = "GET", data: bytes | None = None,
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def fetch_from(source: str, url: str, method: str = "GET", data: bytes | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes, float]:
+    """One request sent from the local address `source` (any 127.x.y.z reaches a loopback listener, and the
+    monitor sees it as another client): (status, headers, body, seconds until the answer)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30, source_address=(source, 0))
+    try:
+        t0 = time.monotonic()
+        conn.request(method, parts.path or "/", body=data, headers=headers or {})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body, time.monotonic() - t0
+    finally:
+        conn.close()
+
+
+def heartbeat_body(model: str, worker_id: str, **fields: Any) -> dict[str, Any]:
+    """A heartbeat as a worker writes it (None fields left out), for publishing by hand; `fields` override."""
+    body: dict[str, Any] = {
+        "model_name": model, "worker_id": worker_id, "kind": "inference", "status": "online",
+        "capabilities": ["text-generation"], "nats_topic": f"inference.request.{model}", "version": "0.1.0",
+        "model_info": {"architecture": "gemma3", "quantization": "Q4_K_M"},
+        "queue_metrics": {"pending_messages": 0, "active_processing": 0, "queue_capacity": 8, "total_processed": 0,
+                          "total_failed": 0},
+        "backpressure_status": {"level": "healthy", "utilization": 0.0},
+        "started_at": time.time(), "uptime_s": 1.0, "heartbeat_interval_s": 30.0, "seq": 1,
+    }
+    body.update(fields)
+    return body
 
 
 async def get_json(url: str, **kwargs: Any) -> Any:

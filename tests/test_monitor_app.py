@@ -25,10 +25,10 @@ from workers import protocol as p
 GEN, EMB = "gemma3-270m", "nomic-embed-v1.5"
 SERVICE_KEYS = ["model_name", "token", "kind", "status", "capabilities", "model_info", "endpoint", "nats_topic",
                 "version", "queue_metrics", "backpressure_status", "requests_per_s", "first_seen", "last_seen",
-                "uptime", "instance_count", "online_count", "instances", "history"]
+                "uptime", "instance_count", "online_count", "instances", "alerts", "history"]
 INSTANCE_KEYS = ["worker_id", "status", "worker_status", "endpoint", "version", "first_seen", "last_seen", "age_s",
                  "uptime", "started_at", "heartbeat_interval_s", "seq", "queue_metrics", "backpressure_status",
-                 "requests_per_s"]
+                 "requests_per_s", "confirmed", "alerts"]
 MakeApp = Callable[..., tuple[Starlette, Registry]]
 QUEUE_KEYS = ["pending_messages", "active_processing", "queue_capacity", "total_processed", "total_failed",
               "last_processed_at"]
@@ -154,7 +154,8 @@ async def test_healthz_is_503_while_nats_is_not_connected(make_app: MakeApp, clo
     down = await get(app, "/healthz")
     assert down.status_code == 503
     assert down.json() == {"status": "degraded", "nats_connected": False, "heartbeats": 0, "reports": 0,
-                           "health_replies": 0, "invalid": 0, "oversized": 0, "evicted": 0, "purged": 0,
+                           "health_replies": 0, "invalid": 0, "oversized": 0, "foreign": 0, "evicted": 0,
+                           "purged": 0,
                            "instances": 3, "models": 2, "sse_clients": 0}
     registry.nats_connected = True
     up = await get(app, "/healthz")

@@ -94,6 +94,16 @@ function instanceRow(i) {
     h("span", { class: "muted" }, `up ${duration(i.uptime)}`));
 }
 
+// A worker's recent warnings (stream recreated, a request that crashed workers): newest last, the last three.
+function alerts(list) {
+  if (!list || !list.length) return null;
+  return h("ul", { class: "alerts" }, list.slice(-3).map((a) =>
+    h("li", { class: `alert level-${a.level}`, "data-kind": a.kind, title: a.message },
+      h("span", { class: "alert-kind" }, `⚠ ${a.kind}`),
+      h("span", { class: "muted" }, `${a.worker_id} · ${ago(a.ts)}`),
+      h("span", { class: "alert-msg" }, a.message))));
+}
+
 function card(s) {
   const info = s.model_info || {};
   const facts = [s.kind, info.architecture, params(info), info.quantization,
@@ -105,6 +115,7 @@ function card(s) {
       h("h2", { class: "name", title: s.model_name }, s.model_name),
       h("span", { class: `pill st-${s.status}` }, s.status)),
     h("div", { class: "facts" }, facts.join(" · ")),
+    alerts(s.alerts),
     capabilityMatrix(s.capabilities || []),
     queueBar(s),
     h("div", { class: "sparks" },
@@ -140,16 +151,17 @@ function render() {
     if (grid.children[idx] !== el) grid.insertBefore(el, grid.children[idx] || null);
   });
   document.getElementById("empty").hidden = services.size > 0;
-  let inst = 0, live = 0, queued = 0, rps = 0;
+  let inst = 0, live = 0, queued = 0, rps = 0, warned = 0;
   for (const s of services.values()) {
     inst += s.instance_count; live += s.online_count; queued += s.queue_metrics.pending_messages;
-    rps += s.requests_per_s || 0;
+    rps += s.requests_per_s || 0; warned += (s.alerts || []).length;
   }
   document.getElementById("summary").replaceChildren(
     h("span", {}, h("b", {}, services.size), " models"),
     h("span", {}, h("b", {}, `${live}/${inst}`), " instances live"),
     h("span", {}, h("b", {}, queued), " queued"),
-    h("span", {}, h("b", {}, num(rps)), " req/s"));
+    h("span", {}, h("b", {}, num(rps)), " req/s"),
+    warned ? h("span", { class: "level-warning", id: "alert-count" }, h("b", {}, warned), " alerts") : null);
 }
 
 function setConn(state, text) {
