@@ -192,6 +192,9 @@ class Registry:
         inst = self.instances.get(r.worker_id)
         if inst is None or inst.health.model_name != r.model_name:
             return  # its first heartbeat or the next sweep brings the full picture
+        if inst.health.instance and r.instance != inst.health.instance:
+            self.counters["foreign"] += 1  # a report from another process than the one holding this worker_id
+            return
         inst.pending, inst.active, inst.capacity, inst.level = (r.pending_messages, r.active_processing,
                                                                 r.queue_capacity, r.status)
         inst.data_at = inst.seen_at = now

@@ -356,6 +356,7 @@ class BackpressureReport(_Message):
     status: Level
     worker_count: int
     timestamp: float
+    instance: str | None = None  # as in Health: the monitor ignores reports from another instance
 
 
 def backpressure_level(utilization: float, warning: float = 0.5, critical: float = 0.8) -> Level:

@@ -22,6 +22,7 @@ from rich.console import Console
 from monitor import tui
 from monitor.config import load_settings
 from monitor.registry import Registry, decode_health
+from workers import protocol as p
 from workers.config import ROOT
 
 from ..monitor_support import (
@@ -312,3 +313,19 @@ def test_the_cap_evicts_unconfirmed_instances_before_confirmed_ones_even_offline
     for i in range(10):
         reg.observe_health(_health(f"forged{i}", f"f{i}"), now=1 + i)
     assert set(reg.instances) == {"real", "gone", "forged9"} and reg.counters["evicted"] == 9
+
+
+def test_a_report_from_another_instance_does_not_move_the_queue():
+    reg = Registry(load_settings())
+    reg.observe_health(_health("w", instance="real"), now=0)
+
+    def report(instance: str | None, pending: int) -> p.BackpressureReport:
+        return p.BackpressureReport(model_name="m", worker_id="w", pending_messages=pending, active_processing=0,
+                                    queue_capacity=10, utilization=0.0, status="healthy", worker_count=1,
+                                    timestamp=0.0, instance=instance)
+
+    reg.observe_report(report("forger", 999), now=1)
+    reg.observe_report(report(None, 999), now=1)
+    assert reg.instances["w"].pending != 999 and reg.counters["foreign"] == 2
+    reg.observe_report(report("real", 7), now=2)
+    assert reg.instances["w"].pending == 7
