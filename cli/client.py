@@ -108,13 +108,13 @@ class FleetClient:
         self.connect_timeout = connect_timeout
         self.auth = auth
         self.nc: NATS | None = None
-        self._denied: asyncio.Future[str] | None = None
+        self._interrupt: asyncio.Future[FleetError] | None = None
 
     async def __aenter__(self) -> FleetClient:
-        self._denied = asyncio.get_running_loop().create_future()
+        self._interrupt = asyncio.get_running_loop().create_future()
         try:
             self.nc = await connect(self.url, name="nats-cli", timeout=self.connect_timeout + 1, reconnect=False,
-                                    auth=self.auth, events=self)
+                                    auth=self.auth, events=self, on_disconnected=self._lost)
         except NatsRefused as e:
             raise NotAllowed(str(e)) from None
         except NatsUnavailable:
@@ -124,24 +124,32 @@ class FleetClient:
 
     def event(self, code: str, msg: str = "", level: str = "info", **meta: Any) -> None:
         """The connection's EventSink: a publish or subscribe NATS denied ends what is waiting on it."""
-        if code == "nats.permission" and self._denied is not None and not self._denied.done():
-            self._denied.set_result(msg)
+        if code == "nats.permission":
+            self._stop_waiting(NotAllowed(msg))
+
+    async def _lost(self) -> None:
+        self._stop_waiting(NoServer("the connection to NATS was lost while waiting for the answer; a worker may "
+                                    "still run the request, but this client cannot receive it: retry"))
+
+    def _stop_waiting(self, error: FleetError) -> None:
+        if self._interrupt is not None and not self._interrupt.done():
+            self._interrupt.set_result(error)
 
     async def _unless_denied(self, aw: Awaitable[T]) -> T:
-        """`aw`, unless NATS denies one of our publishes or subscriptions first (then NotAllowed at once, rather
-        than a timeout much later)."""
+        """`aw`, unless NATS denies one of our publishes or subscriptions or the connection drops first (then
+        NotAllowed or NoServer at once, rather than a timeout much later)."""
         task = asyncio.ensure_future(aw)
-        denied = self._denied
-        if denied is None:
+        interrupt = self._interrupt
+        if interrupt is None:
             return await task
-        both: list[asyncio.Future[Any]] = [task, denied]
+        both: list[asyncio.Future[Any]] = [task, interrupt]
         await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        self._denied = asyncio.get_running_loop().create_future()  # an interactive session goes on
-        raise NotAllowed(denied.result())
+        self._interrupt = asyncio.get_running_loop().create_future()  # an interactive session goes on
+        raise interrupt.result()
 
     async def __aexit__(self, *exc: object) -> None:
         if self.nc is not None:
@@ -151,11 +159,21 @@ class FleetClient:
         assert self.nc is not None, "use `async with FleetClient(...)`"
         return self.nc
 
+    def _connected(self) -> NATS:
+        """The connection, if it is up: a request published on a dead connection would only wait out its
+        timeout, so say so now."""
+        nc = self._nc()
+        if not nc.is_connected:
+            raise NoServer("the connection to NATS is down; the request was not sent: check the server (make up) "
+                           "and retry")
+        return nc
+
     async def request(self, kind: p.Kind, model: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, one answer (what `nats req` does); raises FleetError subclasses."""
         subject = p.request_subject(kind, model)
         try:
-            msg = await self._unless_denied(self._nc().request(subject, json.dumps(body).encode(), timeout=timeout))
+            msg = await self._unless_denied(self._connected().request(subject, json.dumps(body).encode(),
+                                                                      timeout=timeout))
         except NoRespondersError:
             raise NoWorker(_no_worker(subject, model)) from None
         except NatsTimeout:
@@ -176,13 +194,12 @@ class FleetClient:
         """Yield chunk messages `{req_id, index, delta}`, then the final response (`done: true`).
 
         `timeout` is the longest wait for the next message, not for the whole answer."""
-        nc = self._nc()
+        nc = self._connected()
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         subject = p.request_subject("inference", model)
         try:
-            await nc.publish(subject, json.dumps({**body, "stream": True}).encode(), reply=inbox,
-                             headers={"Fleet-Client": "nats-cli"})
+            await nc.publish(subject, json.dumps({**body, "stream": True}).encode(), reply=inbox)
             first = True
             while True:
                 try:
