@@ -253,14 +253,14 @@ async def test_shipped_grammars_cannot_be_created_replaced_or_deleted(serve: Ser
     assert (await http.get("/grammars/json", headers=bearer())).json()["gbnf"] == shipped
 
 
-def test_a_stored_grammar_never_shadows_a_shipped_name(tmp_path: Path):
+async def test_a_stored_grammar_never_shadows_a_shipped_name(tmp_path: Path):
     store = GrammarStore(tmp_path, check=lambda _text: None)
     (tmp_path / "json.gbnf").write_text('root ::= "x"')  # as an older version could have stored it
     assert store.get("json") == (ROOT / "data" / "grammars" / "json.gbnf").read_text()
     assert store.names()["json"] == "shipped"
-    assert store.resolve("json") == store.get("json")
+    assert await store.resolve("json") == store.get("json")
     with pytest.raises(p.BadRequest) as e:
-        store.put("json", 'root ::= "y"')
+        await store.put("json", 'root ::= "y"')
     assert e.value.status == 403
 
 

@@ -35,10 +35,10 @@ async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answere
     psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
     first, second = await psub.fetch(2, timeout=5)
     events = Events()
-    assert await Answered(kv, a, events).claim(first)
-    assert not await Answered(kv, b, events).claim(first)  # delivered again to b: b must not answer it
-    assert not await Answered(kv, a, events).claim(first)
-    assert await Answered(kv, b, events).claim(second)  # another message: its own claim
+    assert await Answered(kv, a, events).claim(first) == "mine"
+    assert await Answered(kv, b, events).claim(first) == "theirs"  # delivered again to b: b must not answer it
+    assert await Answered(kv, a, events).claim(first) == "theirs"
+    assert await Answered(kv, b, events).claim(second) == "mine"  # another message: its own claim
     assert (await kv.get(f"unit_model.{first.metadata.sequence.stream}")).value.startswith(b"a ")
     assert events.seen == []
     await nc.close()
@@ -56,9 +56,9 @@ async def test_a_claim_by_a_worker_that_is_gone_does_not_swallow_the_answer(nats
     psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
     [msg] = await psub.fetch(1, timeout=5)
     events = Events()
-    assert await Answered(kv, a, events).claim(msg)  # a claims it, then is killed before it replies
-    assert not await Answered(kv, b, events, live=lambda wid: wid == "a").claim(msg)  # a still heard: a answers
-    assert await Answered(kv, b, events, live=lambda wid: wid == "b").claim(msg)  # a gone: b answers
+    assert await Answered(kv, a, events).claim(msg) == "mine"  # a claims it, then is killed before it replies
+    assert await Answered(kv, b, events, live=lambda wid: wid == "a").claim(msg) == "theirs"  # a still heard
+    assert await Answered(kv, b, events, live=lambda wid: wid == "b").claim(msg) == "taken_over"  # a gone
     assert [code for code, _ in events.seen] == ["request.claim_taken_over"]
     await nc.close()
 

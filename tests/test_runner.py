@@ -6,8 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import pytest
+
 from workers import protocol as p
 from workers.config import ROOT
+from workers.engine import Expired
 from workers.formats.harmony import Harmony
 from workers.formats.template import Template
 from workers.runner import Runner
@@ -66,6 +69,21 @@ async def test_a_cancel_from_another_owner_neither_stops_nor_skips_a_request():
     r.running["live"] = (stop := threading.Event(), "alice")
     assert r.cancel("live", owner="mallory") == "refused" and not stop.is_set()
     assert r.cancel("live", owner="alice") == "running" and stop.is_set()
+
+
+@pytest.mark.parametrize(("req", "says"), [
+    (p.InferenceRequest.model_validate({"input": "x"}), "while generating, after 3 tokens"),
+    (p.EmbeddingRequest.model_validate({"input": ["a", "b", "c", "d"]}), "while embedding, after 3 of 4 inputs"),
+])
+async def test_a_deadline_that_passes_while_running_is_a_504_and_no_answer(req: p.InferenceRequest, says: str):
+    engine = ScriptedEngine(fail=Expired(3))
+    r = Runner(model_name="m", worker_id="w", engine=engine, fmt=GEMMA, grammars=None)  # type: ignore[arg-type]
+    deadline = p.now_ms() + 60_000
+    with pytest.raises(p.BadRequest) as e:
+        await r.execute(req, "late", deadline_ms=deadline)
+    assert engine.calls[0]["deadline_ms"] == deadline  # the engine checks it while it works
+    assert (e.value.status, e.value.type) == (504, "expired") and says in e.value.message
+    assert "late" not in r.running  # the cancel bookkeeping is cleared either way
 
 
 def test_the_owner_of_an_inbox_is_its_second_token():

@@ -34,7 +34,8 @@ async def test_stream_chunks_arrive_first_and_join_to_the_final_text(start_worke
     assert len(chunks) > 3 and [c["index"] for c in chunks] == list(range(len(chunks)))
     assert all(c["req_id"] == "s1" for c in chunks)
     assert "".join(c["delta"] for c in chunks) == final["text"] and final["tokens_out"] == 40
-    plain = json.loads((await nc.request(SUBJECT, json.dumps({**body, "stream": False}).encode(), timeout=60)).data)
+    again = {**body, "req_id": "s2", "stream": False}  # a new req_id: the same one again would be one job (409)
+    plain = json.loads((await nc.request(SUBJECT, json.dumps(again).encode(), timeout=60)).data)
     assert plain["text"] == final["text"] and "done" not in plain  # a plain request still gets one message
 
 

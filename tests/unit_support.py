@@ -38,9 +38,10 @@ class ScriptedEngine:
         self.busy = 0
 
     async def complete(self, prompt: str, params: Params, *, stop: tuple[str, ...] = (), grammar: str | None = None,
-                       on_delta: Callable[[str], None] | None = None,
-                       cancel: threading.Event | None = None) -> Completion:
-        self.calls.append({"prompt": prompt, "params": params, "stop": stop, "grammar": grammar})
+                       on_delta: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+                       deadline_ms: int | None = None) -> Completion:
+        self.calls.append({"prompt": prompt, "params": params, "stop": stop, "grammar": grammar,
+                           "deadline_ms": deadline_ms})
         if self.fail is not None:
             raise self.fail
         for piece in self.pieces:
@@ -51,8 +52,8 @@ class ScriptedEngine:
         return Completion(text="".join(self.pieces), tokens_in=len(prompt.split()), tokens_out=len(self.pieces),
                           finish_reason=finish, ttft_ms=0.5)  # type: ignore[arg-type]
 
-    async def embed(self, texts: list[str]) -> Embeddings:
-        self.calls.append({"texts": texts})
+    async def embed(self, texts: list[str], deadline_ms: int | None = None) -> Embeddings:
+        self.calls.append({"texts": texts, "deadline_ms": deadline_ms})
         if self.fail is not None:
             raise self.fail
         return Embeddings(vectors=[[float(len(t)), 1.0] for t in texts], tokens=sum(len(t.split()) for t in texts))

@@ -14,9 +14,11 @@ worker answers anyway: a second answer is better than none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 import nats
 from nats.aio.msg import Msg
@@ -30,7 +32,12 @@ from .config import Settings
 from .connection import EventSink
 from .streams import Difference, Rule, longer_age, more_replicas, record, refused_replicas, tighten
 
-__all__ = ["BUCKET", "Answered", "ensure_answered"]
+__all__ = ["BUCKET", "Answered", "Attempts", "Claim", "ensure_answered"]
+
+# How a claim came out: this worker answers first ("mine"), answers for a claimer that is gone or without a
+# claim while the bucket had no leader (a second answer is possible: the reply is marked Fleet-Duplicate), or
+# another live worker answers ("theirs").
+Claim = Literal["mine", "taken_over", "unclaimed", "theirs"]
 
 BUCKET = "FLEET_ANSWERED"
 # The never-lower rule for the bucket (workers/streams.py): more replicas, and claims kept at least as long as
@@ -76,33 +83,87 @@ class Answered:
     def key(self, msg: Msg) -> str:
         return f"{p.token(self.settings.model_name)}.{msg.metadata.sequence.stream}"
 
-    async def claim(self, msg: Msg) -> bool:
-        """True when this worker is the one to answer `msg`; False when another worker already claimed it."""
+    async def claim(self, msg: Msg) -> Claim:
+        """Whether this worker answers `msg` (see Claim)."""
         key = self.key(msg)
         mine = f"{self.settings.worker_id} {uuid.uuid4().hex}".encode()
         deadline = time.monotonic() + self.settings.queue_ack_wait_s
         while True:
             try:
                 await self.kv.create(key, mine)
-                return True
+                return "mine"
             except KeyWrongLastSequenceError:
                 try:
                     claim = (await self.kv.get(key)).value or b""
                 except KeyNotFoundError:
                     continue
                 if claim == mine:  # ours: an earlier try was committed but its answer lost with a dying node
-                    return True
+                    return "mine"
                 claimer = claim.decode(errors="replace").partition(" ")[0]
                 if self.live(claimer):
-                    return False
+                    return "theirs"
                 # The claimer is gone (killed between its claim and its reply, or since): answering again
                 # risks a second answer, not answering risks none at all; nothing accepted may be lost.
                 self.events.event("request.claim_taken_over", f"{claimer} claimed it and is gone; answering",
                                   level="warning", key=key)
-                return True
+                return "taken_over"
             except (TimeoutError, nats.errors.Error, APIError) as e:  # the bucket is electing a leader
                 if time.monotonic() > deadline:
                     self.events.event("request.claim_failed", f"answering without a claim ({e!r}); a second "
                                       "answer is possible", level="warning", key=key)
-                    return True
+                    return "unclaimed"
                 await asyncio.sleep(0.1)
+
+    async def answered_by_other(self, msg: Msg) -> bool:
+        """Whether a live worker other than this one has claimed `msg` (a redelivery of an answered request:
+        ack it without running it again)."""
+        try:
+            claim = (await self.kv.get(self.key(msg))).value or b""
+        except (KeyNotFoundError, TimeoutError, nats.errors.Error, APIError):
+            return False
+        claimer = claim.decode(errors="replace").partition(" ")[0]
+        return claimer != self.settings.worker_id and self.live(claimer)
+
+    async def release(self, msg: Msg) -> None:
+        """Give up this worker's claim (its answer was not confirmed), so the next attempt answers."""
+        with contextlib.suppress(Exception):
+            await self.kv.delete(self.key(msg))
+
+
+class Attempts:
+    """Counts the attempts at a message that ended with their worker gone (no ack, no nak): a request that
+    crashes every worker that runs it (a llama.cpp bug, a poison input) is answered `dead_letter` after
+    POISON_MAX_CRASHES such attempts instead of killing the fleet one worker at a time.
+
+    Each attempt writes `<crashes> running <worker_id>` under `<model>.run.<stream seq>` in the claims bucket
+    before it runs, and `<crashes> settled` when it gives the message back; an attempt that finds `running`
+    left by the previous one counts one more crash. The key expires with the bucket's TTL."""
+
+    def __init__(self, kv: KeyValue, settings: Settings, events: EventSink) -> None:
+        self.kv, self.settings, self.events = kv, settings, events
+
+    def key(self, msg: Msg) -> str:
+        return f"{p.token(self.settings.model_name)}.run.{msg.metadata.sequence.stream}"
+
+    async def begin(self, msg: Msg) -> int:
+        """Record this attempt; the number of earlier attempts that crashed."""
+        crashes = 0
+        if (msg.metadata.num_delivered or 1) > 1:
+            try:
+                count, _, state = ((await self.kv.get(self.key(msg))).value or b"").decode().partition(" ")
+                crashes = int(count) + (1 if state.startswith("running") else 0)
+            except (KeyNotFoundError, ValueError):
+                pass
+            except (TimeoutError, nats.errors.Error, APIError) as e:
+                self.events.event("request.attempt_unknown", f"could not read earlier attempts ({e!r})",
+                                  level="warning", key=self.key(msg))
+        await self._put(msg, f"{crashes} running {self.settings.worker_id}")
+        return crashes
+
+    async def settled(self, msg: Msg, crashes: int) -> None:
+        """The attempt gave the message back itself: it did not crash."""
+        await self._put(msg, f"{crashes} settled")
+
+    async def _put(self, msg: Msg, value: str) -> None:
+        with contextlib.suppress(TimeoutError, nats.errors.Error, APIError):
+            await self.kv.put(self.key(msg), value.encode())

@@ -87,6 +87,8 @@ class Settings(NatsSettings, BackpressureSettings):
     embed_max_tokens: int = Field(default=0, ge=0)  # tokens over all inputs of one request; 0: 64 × CTX_SIZE
     grammar_max_bytes: int = Field(default=64 * 1024, ge=64)
     grammar_max_depth: int = Field(default=64, ge=1)
+    grammar_max_rules: int = Field(default=1000, ge=1)
+    grammar_max_optional: int = Field(default=128, ge=1)
 
     # telemetry and log
     heartbeat_interval: float = Field(default=10.0, gt=0)
@@ -147,7 +149,8 @@ class Settings(NatsSettings, BackpressureSettings):
         return Limits(
             max_tokens=min(self.max_tokens_limit or self.ctx_size, self.ctx_size),
             embed_max_inputs=self.embed_max_inputs, grammar_max_bytes=self.grammar_max_bytes,
-            grammar_max_depth=self.grammar_max_depth,
+            grammar_max_depth=self.grammar_max_depth, grammar_max_rules=self.grammar_max_rules,
+            grammar_max_optional=self.grammar_max_optional,
             reply_prefixes=tuple(x.strip() for x in self.reply_prefixes.split(",") if x.strip()),
         )
 

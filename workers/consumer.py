@@ -19,11 +19,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from . import protocol as p
-from .answered import Answered
+from .answered import Answered, Attempts
 from .config import Settings
 from .metrics import Metrics
 from .outcome import Finished, Intake, Ledger
-from .queue import Replier, reply_targets
+from .queue import Replier, reply_in_payload, reply_targets
 from .runner import DeltaPump, Execution, Request, Runner
 from .store import Store
 
@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 class Consumer:
     def __init__(self, psub: JetStreamContext.PullSubscription, *, settings: Settings, runner: Runner,
                  replier: Replier, ledger: Ledger, store: Store, metrics: Metrics,
-                 answered: Answered | None = None) -> None:
+                 answered: Answered | None = None, attempts: Attempts | None = None) -> None:
         self.psub, self.settings, self.runner, self.replier = psub, settings, runner, replier
         self.ledger, self.store, self.metrics = ledger, store, metrics
         self.answered = answered  # None: at-least-once (a redelivered request may be answered twice)
+        self.attempts = attempts  # None: no crash counting (a poison message is retried up to max_deliver)
+        self.limits = settings.limits
         self.in_flight: dict[asyncio.Task[None], Msg] = {}
         self.slots = asyncio.Semaphore(settings.worker_concurrency)
         self.aborted = False  # set when a drain runs out of time: whatever is running goes back to the queue
@@ -117,17 +119,30 @@ class Consumer:
                         raw_input=msg.data.decode(errors="replace"), deliveries=msg.metadata.num_delivered or 1,
                         queue_ms=float(start - enqueued))
         targets = [h.get(p.H_REPLY_TO)]
+        if intake.deliveries > 1 and self.answered is not None and await self.answered.answered_by_other(msg):
+            self.store.event("request.duplicate", "delivered again after another worker answered it; acked "
+                             "without running it", req_id=req_id, deliveries=intake.deliveries)
+            await self._ack(msg)
+            return
+        crashes = await self.attempts.begin(msg) if self.attempts is not None else 0
+        if crashes >= s.poison_max_crashes:
+            await self._poisoned(msg, intake, crashes, targets)
+            return
+        if crashes:
+            self.store.event("request.suspect", f"the last {crashes} attempt(s) at this request ended with their "
+                             "worker gone (killed, crashed or stopped); running it again", level="warning",
+                             req_id=req_id, deliveries=intake.deliveries)
         reply: tuple[bytes, dict[str, str] | None] | None = None
         try:
             if start > deadline:
                 raise p.BadRequest("expired", f"the caller's deadline passed {start - deadline} ms before a worker "
                                    "was free; the request was skipped", status=504)
-            req = p.parse_request(s.model_kind, msg.data)
+            req = p.parse_request(s.model_kind, msg.data, self.limits)
             targets.append(req.reply_to)
             owner = p.inbox_owner(targets[0] or req.reply_to)  # whose cancels count (protocol.owner_cancel_subject)
             if self.runner.was_cancelled(req_id, owner):
                 raise p.BadRequest("cancelled", "the caller cancelled the request before it ran", status=499)
-            done = await self._run(req, req_id, msg, intake, reply_targets(*targets), owner)
+            done = await self._run(req, req_id, msg, intake, self._targets(targets), owner, deadline)
         except p.BadRequest as e:  # a real answer, even during a drain
             finished = Finished.refused(intake, e, float(p.now_ms() - start))
             reply = self.replier.error(req_id, e.status, e.type, e.message, finished.finish_reason or "error")
@@ -137,27 +152,88 @@ class Consumer:
         else:  # an aborted generation is cut short: not an answer
             finished = Finished.handed_back(intake) if self.aborted else Finished.ok(intake, done.facts)
             reply = (p.dumps(done.body), None)
-        await self._settle(msg, finished, reply, reply_targets(*targets))
+        await self._settle(msg, finished, reply, self._targets(targets), crashes)
+
+    def _targets(self, candidates: list[str | None]) -> list[str]:
+        return reply_targets(*candidates, prefixes=self.limits.reply_prefixes)
+
+    async def _poisoned(self, msg: Msg, intake: Intake, crashes: int, targets: list[str | None]) -> None:
+        """The request took `crashes` workers down with it: answer dead_letter and remove it, whatever the cause."""
+        message = (f"the request crashed {crashes} workers and was removed from the queue; see the worker log "
+                   "(make logs) and do not send it again unchanged")
+        data, headers = self.replier.error(intake.req_id, 500, "dead_letter", message)
+        payload_reply = reply_in_payload(msg.data)
+        await self.replier.send(self._targets([*targets, payload_reply]), data,
+                                self._traced(headers, intake), intake.req_id)
+        self.store.event("request.poison", message, level="error", req_id=intake.req_id,
+                         deliveries=intake.deliveries)
+        await self._ack(msg)
+        self.ledger.record(Finished.dead_letter(intake, message))
 
     async def _settle(self, msg: Msg, finished: Finished, reply: tuple[bytes, dict[str, str] | None] | None,
-                      targets: list[str]) -> None:
+                      targets: list[str], crashes: int = 0) -> None:
         """The one exit: answer and ack, or give the message back; then record how it ended."""
         if finished.status == "handed_back":
-            await msg.nak()  # at once: another worker takes it
+            await self._give_back(msg, crashes)  # at once: another worker takes it
         elif finished.status == "failed" or reply is None:
             # Unexpected: another try after a pause; after max_deliver the dead-letter handler answers.
             self.store.event("request.failed", finished.error or "", level="error", req_id=finished.intake.req_id,
                              deliveries=finished.intake.deliveries)
-            await msg.nak(delay=1.0)
+            await self._give_back(msg, crashes, delay=1.0)
         else:
             data, headers = reply
-            if self.answered is None or await self.answered.claim(msg):
-                await self.replier.send(targets, data, headers, finished.intake.req_id)
-            else:
+            headers = self._traced(headers, finished.intake)
+            claim = "mine" if self.answered is None else await self.answered.claim(msg)
+            if claim == "theirs":
                 self.store.event("request.duplicate", "delivered again after another worker answered it; "
                                  "not answered twice", req_id=finished.intake.req_id)
+            else:
+                if claim != "mine":
+                    headers[p.H_DUPLICATE] = "true"
+                if not await self._answer(targets, data, headers, finished.intake.req_id):
+                    # Not confirmed (the connection dropped): no ack, no claim, so the next attempt answers.
+                    if self.answered is not None:
+                        await self.answered.release(msg)
+                    await self._give_back(msg, crashes)
+                    self.ledger.record(Finished.handed_back(finished.intake))
+                    return
             await self._ack(msg)
         self.ledger.record(finished)
+
+    async def _answer(self, targets: list[str], data: bytes, headers: dict[str, str], req_id: str) -> bool:
+        """Publish the answer and wait until the server has it: a publish during a reconnect waits in the
+        client's buffer, so keep asking (a flush goes out behind it) until the server confirms or ack_wait runs
+        out; False when it never does (the message is then answered again by the next attempt)."""
+        try:
+            await self.replier.send(targets, data, headers or None, req_id)
+        except Exception as e:
+            self.store.event("reply.unconfirmed", f"the answer could not be sent ({e!r}); it will be sent "
+                             "again", level="warning", req_id=req_id)
+            return False
+        deadline = time.monotonic() + self.settings.queue_ack_wait_s
+        while True:
+            try:
+                await self.replier.nc.flush(timeout=1)
+                return True
+            except Exception as e:
+                if time.monotonic() > deadline or self.replier.nc.is_closed:
+                    self.store.event("reply.unconfirmed", f"the server did not confirm the answer ({e!r}); it "
+                                     "will be sent again", level="warning", req_id=req_id)
+                    return False
+                await asyncio.sleep(0.2)
+
+    async def _give_back(self, msg: Msg, crashes: int, delay: float | None = None) -> None:
+        if self.attempts is not None:
+            await self.attempts.settled(msg, crashes)
+        with contextlib.suppress(Exception):  # disconnected: redelivered after ack_wait instead
+            await msg.nak(delay=delay)
+
+    @staticmethod
+    def _traced(headers: dict[str, str] | None, intake: Intake) -> dict[str, str]:
+        out = dict(headers or {})
+        if intake.trace_id:
+            out[p.H_TRACE_ID] = intake.trace_id
+        return out
 
     async def _ack(self, msg: Msg) -> None:
         """Ack and wait for JetStream's confirmation, again until it comes (within ack_wait): an ack sent while
@@ -174,7 +250,7 @@ class Consumer:
                 await asyncio.sleep(0.1)
 
     async def _run(self, req: Request, req_id: str, msg: Msg, intake: Intake, targets: list[str],
-                   owner: str | None) -> Execution:
+                   owner: str | None, deadline: int) -> Execution:
         """Run on the engine, keeping the JetStream message alive; stream pieces if the caller asked."""
         keepalive = asyncio.create_task(self._keep_alive(msg))
         pump: DeltaPump | None = None
@@ -185,7 +261,7 @@ class Consumer:
             pump = DeltaPump(publish)
         try:
             done = await self.runner.execute(req, req_id, queue_ms=intake.queue_ms, owner=owner,
-                                             on_delta=pump.push if pump else None)
+                                             on_delta=pump.push if pump else None, deadline_ms=deadline)
         finally:
             keepalive.cancel()
             if pump is not None:

@@ -3,12 +3,15 @@
 `WORKER_CONCURRENCY` contexts over one model file (the weights are mmapped, so the
 page cache holds them once); each request borrows a context for its whole run. Every
 llama.cpp call runs in a thread so the event loop (heartbeats, health, acks) keeps its rhythm.
+A request's work is bounded before it starts (max_tokens within the context, the embedding token cap)
+and while it runs (the caller's deadline, checked every token and between embedding batches).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,14 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .protocol import BadRequest, FinishReason, Params
+from .protocol import BadRequest, FinishReason, Params, now_ms
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 _GRAMMAR_LOCK = threading.Lock()
+_GRAMMAR_LOG = re.compile(r"^.*grammar", re.MULTILINE)  # where llama.cpp's message (and the source) starts
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 EMBED_BATCH_TOKENS = 64
+
+
+class Expired(Exception):
+    """The caller's deadline passed while waiting for a context or running; `done`: tokens generated (a
+    completion) or inputs embedded (embeddings) when it stopped."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(f"deadline passed after {done}")
+        self.done = done
 
 
 @dataclass
@@ -45,7 +58,8 @@ class Engine:
     """A pool of llama.cpp contexts for one model."""
 
     def __init__(self, path: Path, *, embedding: bool, concurrency: int, ctx_size: int, threads: int,
-                 pooling: str = "mean", default_max_tokens: int = 128, normalize: bool = False) -> None:
+                 pooling: str = "mean", default_max_tokens: int = 128, normalize: bool = False,
+                 embed_max_tokens: int = 0) -> None:
         self.path = path
         self.normalize = normalize  # L2-normalise embeddings (sentence-transformers models expect it)
         self.embedding = embedding  # pooled vectors instead of text generation
@@ -54,6 +68,7 @@ class Engine:
         self.threads = threads
         self.pooling = pooling
         self.default_max_tokens = default_max_tokens
+        self.embed_max_tokens = embed_max_tokens or 64 * ctx_size  # over all inputs of one request
         self._free: asyncio.Queue[Llama] = asyncio.Queue()
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
@@ -119,11 +134,17 @@ class Engine:
                 os.close(saved)
             captured.seek(0)
             log = captured.read().decode(errors="replace")
+        # This runs in a thread: what the rest of the process printed before llama.cpp's message goes back.
+        found = _GRAMMAR_LOG.search(log)
+        if others := log[:found.start() if found else len(log)]:
+            os.write(2, others.encode(errors="replace"))
+        ours = log[found.start():].splitlines() if found else []
         if sampler:
             llama_cpp.llama_sampler_free(sampler)
             return None
-        lines = [ln.strip() for ln in log.splitlines() if ln.strip() and "failed to parse grammar" not in ln]
-        return "; ".join(lines[:2])[:300] or "the grammar does not parse (is there a `root` rule?)"
+        lines = [ln.strip() for ln in ours if ln.strip() and "failed to parse grammar" not in ln]
+        return "; ".join(lines[:2])[:300] or ("llama.cpp refused the grammar without a reason: check that it has a "
+                                              "`root` rule and that no rule starts with itself (left recursion)")
 
     def abort(self) -> None:
         """Stop every running generation within a token (used when a drain runs out of time)."""
@@ -139,19 +160,31 @@ class Engine:
         self._contexts.clear()
 
     async def complete(self, prompt: str, params: Params, *, stop: tuple[str, ...] = (), grammar: str | None = None,
-                       on_delta: Callable[[str], None] | None = None,
-                       cancel: threading.Event | None = None) -> Completion:
+                       on_delta: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+                       deadline_ms: int | None = None) -> Completion:
         """Generate from `prompt`, ending at the caller's stop strings or `stop` (the prompt format's).
         `on_delta` gets text pieces as they are produced (called from the generation thread); setting
-        `cancel` stops within a token with finish_reason `cancelled`."""
-        llm = await self._free.get()
+        `cancel` stops within a token with finish_reason `cancelled`. Past `deadline_ms` (epoch ms) it stops
+        within a token and raises Expired."""
+        llm = await self._borrow(deadline_ms)
         try:
-            return await asyncio.to_thread(self._complete, llm, prompt, params, stop, grammar, on_delta, cancel)
+            return await asyncio.to_thread(self._complete, llm, prompt, params, stop, grammar, on_delta, cancel,
+                                           deadline_ms)
         finally:
             self._free.put_nowait(llm)
 
+    async def _borrow(self, deadline_ms: int | None) -> Llama:
+        """A free context, waiting no longer than the deadline (Expired after it)."""
+        if deadline_ms is None:
+            return await self._free.get()
+        try:
+            return await asyncio.wait_for(self._free.get(), max(0.0, (deadline_ms - now_ms()) / 1000))
+        except TimeoutError:
+            raise Expired(0) from None
+
     def _complete(self, llm: Llama, prompt: str, p: Params, stop: tuple[str, ...], grammar: str | None,
-                  on_delta: Callable[[str], None] | None, cancel: threading.Event | None) -> Completion:
+                  on_delta: Callable[[str], None] | None, cancel: threading.Event | None,
+                  deadline_ms: int | None) -> Completion:
         from llama_cpp import LlamaGrammar, StoppingCriteriaList, llama_vocab_is_eog
 
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
@@ -159,17 +192,26 @@ class Engine:
         if room < 1:
             raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens but the context holds "
                              f"{self.ctx_size}; shorten the input or raise CTX_SIZE")
-        max_tokens = min(p.max_tokens or self.default_max_tokens, room)
+        if p.max_tokens is not None and p.max_tokens > room:  # asked for: refused, as OpenAI does; never cut
+            raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens and max_tokens {p.max_tokens}: "
+                             f"together more than the context's {self.ctx_size} (CTX_SIZE); ask for at most "
+                             f"{room} tokens or shorten the input")
+        max_tokens = p.max_tokens or min(self.default_max_tokens, room)
+        if deadline_ms is not None and now_ms() >= deadline_ms:
+            raise Expired(0)
         t0 = time.perf_counter()
         first: list[float] = []
         sampled: list[int] = []
         stop_now = cancel or threading.Event()
+        late = threading.Event()
 
         def watch(ids: Any, _logits: Any) -> bool:
             if not first:
                 first.append(time.perf_counter())
             sampled.append(int(ids[-1]))
-            return stop_now.is_set() or self._abort.is_set()
+            if deadline_ms is not None and now_ms() >= deadline_ms:
+                late.set()
+            return stop_now.is_set() or self._abort.is_set() or late.is_set()
 
         chunks: Any = llm.create_completion(
             tokens,
@@ -196,6 +238,8 @@ class Engine:
                 finish = "length" if choice["finish_reason"] == "length" else "stop"
         if stop_now.is_set():
             finish = "cancelled"
+        elif late.is_set():
+            raise Expired(len(sampled))
         produced = min(len(sampled), max_tokens)
         if finish != "length" and sampled and llama_vocab_is_eog(llm._model.vocab, sampled[-1]):
             produced -= 1  # the end-of-generation token is not part of the answer
@@ -204,22 +248,32 @@ class Engine:
             ttft_ms=(first[0] - t0) * 1000 if first else None,
         )
 
-    async def embed(self, texts: list[str]) -> Embeddings:
-        llm = await self._free.get()
+    async def embed(self, texts: list[str], deadline_ms: int | None = None) -> Embeddings:
+        """One vector per text; every text is counted before any work. Past `deadline_ms` (epoch ms) it stops
+        between batches and raises Expired."""
+        llm = await self._borrow(deadline_ms)
         try:
-            return await asyncio.to_thread(self._embed, llm, texts)
+            return await asyncio.to_thread(self._embed, llm, texts, deadline_ms)
         finally:
             self._free.put_nowait(llm)
 
-    def _embed(self, llm: Llama, texts: list[str]) -> Embeddings:
+    def _embed(self, llm: Llama, texts: list[str], deadline_ms: int | None) -> Embeddings:
         # Every text is checked before any work: one too long fails the request, never truncated.
         # Learned position tables end at the trained context; past it llama.cpp aborts the process.
         limit = min(self.ctx_size, llm._model.n_ctx_train())
-        counts = [len(llm.tokenize(t.encode(), add_bos=True, special=False)) for t in texts]
-        for i, n in enumerate(counts):
+        counts: list[int] = []
+        total = 0
+        for i, t in enumerate(texts):
+            n = len(llm.tokenize(t.encode(), add_bos=True, special=False))
             if n > limit:
                 raise BadRequest("context_overflow", f"input[{i}] is {n} tokens but this model takes at most "
                                  f"{limit}; split the text into shorter pieces")
+            counts.append(n)
+            total += n
+            if total > self.embed_max_tokens:  # stop counting here: the rest is not worth tokenizing
+                raise BadRequest("too_many_tokens", f"the inputs hold more than {self.embed_max_tokens} tokens "
+                                 f"(EMBED_MAX_TOKENS; exceeded at input[{i}] of {len(texts)}); split them over "
+                                 "several requests")
         # Texts go to llama.cpp in groups of up to EMBED_BATCH_TOKENS tokens: an encoder attends across the
         # whole batch, so big groups cost more than they save (scripts/bench_embed.py measures it).
         groups: list[list[str]] = [[]]
@@ -234,5 +288,7 @@ class Engine:
         for group in groups:
             if self._abort.is_set():
                 raise RuntimeError("aborted")
+            if deadline_ms is not None and now_ms() >= deadline_ms:
+                raise Expired(len(vectors))
             vectors.extend(llm.embed(group, normalize=self.normalize, truncate=False))
         return Embeddings(vectors=vectors, tokens=sum(counts))

@@ -1,31 +1,43 @@
 """GBNF grammars: the shipped ones (data/grammars/) and the ones users store (DATA_DIR/grammars/).
 
-Every grammar is compiled by llama.cpp before it is stored or used, so a broken one is a 400
-with the parser's own message, never a crash in the middle of a generation. The shipped ones are read-only
-and always win: a stored grammar can never take a shipped name, so `json` means the same on every worker.
+Every grammar is measured against the request limits (size, nesting) and then compiled by llama.cpp before it is
+stored or used, so a broken or hostile one is a 400 with a reason, never a crash in the middle of a generation.
+Compiling runs in a thread: a big grammar takes seconds, and the event loop keeps answering health and acks.
+The shipped ones are read-only and always win: a stored grammar can never take a shipped name, so `json` means the
+same on every worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
 import os
 import re
+import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from .config import ROOT
-from .protocol import BadRequest
+from .protocol import BadRequest, Limits, gbnf_problem
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHIPPED = ROOT / "data" / "grammars"
+REMEMBERED = 1024  # digests of grammars that compiled: inline grammars are many, memory is not
+DEFAULT_LIMITS = Limits()  # tests; a worker passes its settings.limits
+NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # the disk, not the request, is at fault
 
 
 class GrammarStore:
-    def __init__(self, user_dir: Path, check: Callable[[str], str | None], shipped_dir: Path = SHIPPED) -> None:
+    def __init__(self, user_dir: Path, check: Callable[[str], str | None], shipped_dir: Path = SHIPPED,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.user_dir = user_dir
         self.shipped_dir = shipped_dir
         self.check = check  # returns the parser's error message, or None when the grammar compiles
-        self._valid: set[str] = set()  # sha256 of grammars already compiled once
+        self.limits = limits
+        self._valid: OrderedDict[str, None] = OrderedDict()  # sha256 of grammars already compiled once
 
     def names(self) -> dict[str, str]:
         """name -> "shipped" | "stored" (a stored file with a shipped name, left from older versions, is ignored)."""
@@ -50,31 +62,58 @@ class GrammarStore:
         for folder in (self.shipped_dir, self.user_dir):
             f = folder / f"{name}.gbnf"
             if f.is_file():
-                return f.read_text()
+                return f.read_text(encoding="utf-8")
         return None
 
-    def validate(self, text: str) -> None:
-        digest = hashlib.sha256(text.encode()).hexdigest()
+    async def validate(self, text: str) -> None:
+        """400 `invalid_grammar` unless the grammar is within the limits and llama.cpp compiles it."""
+        try:
+            digest = hashlib.sha256(text.encode()).hexdigest()
+        except UnicodeEncodeError:
+            raise BadRequest("invalid_grammar", "the grammar holds a lone UTF-16 surrogate (such as \\ud800), "
+                             "which is not text; send valid Unicode") from None
         if digest in self._valid:
+            self._valid.move_to_end(digest)
             return
         if not text.strip():
             raise BadRequest("invalid_grammar", "the grammar is empty")
-        error = self.check(text)
+        # Before llama.cpp sees it: its parser recurses per nested group and crashes the process on deep ones.
+        if (problem := gbnf_problem(text, self.limits)) is not None:
+            raise BadRequest("invalid_grammar", problem)
+        error = await asyncio.to_thread(self.check, text)
         if error:
             raise BadRequest("invalid_grammar", f"llama.cpp could not parse the grammar: {error}")
-        self._valid.add(digest)
+        self._valid[digest] = None
+        while len(self._valid) > REMEMBERED:
+            self._valid.popitem(last=False)
 
-    def put(self, name: str, text: str) -> bool:
-        """Store (after compiling it); True if it replaced an existing stored grammar."""
+    async def put(self, name: str, text: str) -> bool:
+        """Store (after compiling it); True if it replaced an existing stored grammar. A full or read-only disk
+        is a 507 and leaves no partial file."""
         self.writable(name)
-        self.validate(text)
-        self.user_dir.mkdir(parents=True, exist_ok=True)
+        await self.validate(text)
+        return await asyncio.to_thread(self._write, name, text)
+
+    def _write(self, name: str, text: str) -> bool:
         target = self.user_dir / f"{name}.gbnf"
-        existed = target.exists()
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
-        return existed
+        tmp: str | None = None
+        try:
+            self.user_dir.mkdir(parents=True, exist_ok=True)
+            existed = target.exists()
+            fd, tmp = tempfile.mkstemp(dir=self.user_dir, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, target)
+            return existed
+        except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if e.errno in NO_SPACE:
+                raise BadRequest("insufficient_storage", f"grammar {name} was not stored: {os.strerror(e.errno)} "
+                                 f"in {self.user_dir}; free space there (or delete unused grammars) and try again",
+                                 status=507) from None
+            raise
 
     def delete(self, name: str) -> bool:
         """True if a stored grammar was deleted, False if there was none; a shipped name raises the 403."""
@@ -87,12 +126,13 @@ class GrammarStore:
             return True
         return False
 
-    def resolve(self, value: str) -> str:
+    async def resolve(self, value: str) -> str:
         """`params.grammar`: a stored name or inline GBNF → the GBNF text, compiled once."""
         text = value if "::=" in value else self.get(value)
         if text is None:
-            known = ", ".join(self.names()) or "none"
+            names = list(self.names())
+            known = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "") or "none"
             raise BadRequest("unknown_grammar", f"no grammar named {value!r} (known: {known}); "
                              "send inline GBNF or store it with POST /grammars")
-        self.validate(text)
+        await self.validate(text)
         return text

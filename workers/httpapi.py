@@ -7,23 +7,32 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from http import HTTPStatus
 
+import h11
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import protocol as p
 from .access import OPEN_PATHS, BearerAuth, exposure
-from .openai_api import error
+from .openai_api import error, error_fields, internal_error, read_body, refusal, refusing
 from .openai_api import routes as openai_routes
 from .store import read_recent
 from .surface import Serving
 
 PROMPT_COLUMNS = ("raw_input", "formatted_input", "response_text")
+GRAMMAR_PARAMS = {"invalid_grammar": "gbnf", "invalid_name": "name"}  # refusals of a grammar body: the field
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers (h11's default); past it a 431
 Handler = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger(__name__)
 
@@ -71,27 +80,35 @@ def build_app(worker: Serving) -> Starlette:
             return no_grammars()
         return JSONResponse({"grammars": [{"name": n, "source": src} for n, src in grammars.names().items()]})
 
-    async def gbnf_of(request: Request) -> tuple[str | None, str]:
-        raw = (await request.body()).decode(errors="replace")
-        with contextlib.suppress(ValueError):
-            body = json.loads(raw)
-            if isinstance(body, dict):
-                return body.get("name"), str(body.get("gbnf") or body.get("grammar") or "")
-        return None, raw
+    def grammar_route(fn: Handler) -> Handler:
+        return refusing(fn, GRAMMAR_PARAMS)
 
+    async def gbnf_of(request: Request) -> tuple[str | None, str]:
+        """A grammar body, `{"name": …, "gbnf": …}` or the GBNF text itself, read within MAX_REQUEST_BYTES (the
+        store refuses one past GRAMMAR_MAX_BYTES or GRAMMAR_MAX_DEPTH before llama.cpp sees it)."""
+        raw = await read_body(request, s.max_request_bytes)
+        name = None
+        if raw.lstrip().startswith(b"{"):
+            body = GrammarBody.model_validate(p.loads(raw))
+            name, text = body.name, body.gbnf or body.grammar or ""
+        else:
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError as e:
+                raise p.BadRequest("invalid_input", f"body is not UTF-8 (byte {e.start}); send UTF-8 text") from None
+        return name, text
+
+    @grammar_route
     async def create_grammar(request: Request) -> Response:
         if (grammars := worker.grammars) is None:
             return no_grammars()
         name, text = await gbnf_of(request)
         if not name:
-            return error(400, "invalid_request", 'send {"name": "...", "gbnf": "root ::= ..."}')
-        try:
-            grammars.writable(name)
-            if grammars.get(name) is not None:
-                return error(409, "exists", f"grammar {name} exists; PUT /grammars/{name} replaces it")
-            grammars.put(name, text)
-        except p.BadRequest as e:
-            return error(e.status, e.type, e.message)
+            return error(400, "invalid_request", 'send {"name": "...", "gbnf": "root ::= ..."}', "name")
+        grammars.writable(name)
+        if grammars.get(name) is not None:
+            return error(409, "exists", f"grammar {name} exists; PUT /grammars/{name} replaces it", "name")
+        await grammars.put(name, text)
         return JSONResponse({"name": name, "gbnf": text}, status_code=201)
 
     async def read_grammar(request: Request) -> Response:
@@ -103,29 +120,39 @@ def build_app(worker: Serving) -> Starlette:
             return error(404, "not_found", f"no grammar named {name}")
         return JSONResponse({"name": name, "gbnf": text})
 
+    @grammar_route
     async def write_grammar(request: Request) -> Response:
         if (grammars := worker.grammars) is None:
             return no_grammars()
         name = request.path_params["name"]
-        try:
-            if request.method == "PUT":
-                _, text = await gbnf_of(request)
-                replaced = grammars.put(name, text)
-                return JSONResponse({"name": name, "gbnf": text}, status_code=200 if replaced else 201)
-            if grammars.delete(name):
-                return Response(status_code=204)
-            return error(404, "not_found", f"no stored grammar named {name}")
-        except p.BadRequest as e:
-            return error(e.status, e.type, e.message)
+        if request.method == "PUT":
+            _, text = await gbnf_of(request)
+            replaced = await grammars.put(name, text)
+            return JSONResponse({"name": name, "gbnf": text}, status_code=200 if replaced else 201)
+        if grammars.delete(name):
+            return Response(status_code=204)
+        return error(404, "not_found", f"no stored grammar named {name}")
 
     async def cancel(request: Request) -> Response:
         req_id = request.path_params["req_id"]
+        if not p.REQ_ID.match(req_id):
+            return error(400, "invalid_request", "req_id is 1-128 letters, digits, '_', '-', '.' or ':'", "req_id")
         state = await worker.cancel(req_id)
         return JSONResponse({"req_id": req_id, "state": state, "cancelled": state == "running"},
                             status_code=200 if state == "running" else 202)
 
+    async def no_route(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return JSONResponse({"error": error_fields(exc.status_code, type_, f"{exc.detail}: {request.method} "
+                                                   f"{request.url.path[:200]}")},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    guards = [Middleware(TraceHeader), Middleware(CatchAll, worker=worker)]
+    if keyed:
+        guards.append(Middleware(BearerAuth, key=s.api_key, unauthorized=unauthorized))
     announce(worker, closed)
-    return Starlette(routes=[
+    return Starlette(exception_handlers={HTTPException: no_route}, middleware=guards, routes=[
         Route("/metrics", metrics),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -136,7 +163,68 @@ def build_app(worker: Serving) -> Starlette:
         Route("/grammars/{name}", mutating(write_grammar), methods=["PUT", "DELETE"]),
         Route("/v1/requests/{req_id}", mutating(cancel), methods=["DELETE"]),
         *openai_routes(worker),
-    ], middleware=[Middleware(BearerAuth, key=s.api_key, unauthorized=unauthorized)] if keyed else [])
+    ])
+
+
+class GrammarBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = None
+    gbnf: str | None = None
+    grammar: str | None = None  # the same as gbnf
+
+
+class TraceHeader:
+    """ASGI middleware: every answer to a request that carried a trace id (`Fleet-Trace-Id` or a W3C
+    `traceparent`) carries it back in `Fleet-Trace-Id`, errors and streams included; a malformed one is a 400."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            trace = p.trace_id(Headers(scope=scope)) if scope["type"] == "http" else None
+        except p.BadRequest as e:
+            await refusal(e)(scope, receive, send)
+            return
+        if trace is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def traced(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append(p.H_TRACE_ID, trace)
+            await send(message)
+
+        await self.app(scope, receive, traced)
+
+
+class CatchAll:
+    """ASGI middleware: no plain-text 500. An exception no route expected is answered with the contract's 500 body
+    and logged once with its traceback; after the response has started (a stream) it can only be ended."""
+
+    def __init__(self, app: ASGIApp, worker: Serving) -> None:
+        self.app, self.worker = app, worker
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except ClientDisconnect:
+            return  # the caller left while sending its body: nobody to answer
+        except Exception as e:
+            body = internal_error(self.worker, e, f"{scope['method']} {scope['path'][:200]}")
+            if not started:
+                await JSONResponse({"error": body}, status_code=500)(scope, receive, send)
 
 
 def unauthorized() -> Response:
@@ -166,6 +254,26 @@ class Server(uvicorn.Server):
         yield
 
 
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse in the contract's JSON instead of plain
+    text: 431 for headers past h11's limit (16 KB), 400 for anything else that is not HTTP/1.1."""
+
+    def send_400_response(self, msg: str) -> None:
+        if len(self.conn.trailing_data[0]) > MAX_HEADER_BYTES:
+            status, type_, message = 431, "headers_too_large", (
+                f"the request headers are larger than {MAX_HEADER_BYTES} bytes; send smaller ones")
+        else:
+            status, type_, message = 400, "invalid_http", "the request is not valid HTTP/1.1"
+        body = json.dumps({"error": error_fields(status, type_, message)}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
 def server(app: Starlette, host: str, port: int) -> Server:
     return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                 lifespan="off"))
+                                 lifespan="off", http=Protocol,
+                                 h11_max_incomplete_event_size=MAX_HEADER_BYTES))

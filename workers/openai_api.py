@@ -2,7 +2,9 @@
 
 HTTP requests use the same engine slots as NATS requests, are logged with source=http and
 counted in the metrics. Admission is bounded: more than WORKER_CONCURRENCY + HTTP_QUEUE_LIMIT
-requests at once get a 429 at once instead of piling up.
+requests at once get a 429 at once instead of piling up. A body is read piece by piece up to
+MAX_REQUEST_BYTES, parsed with the contract's `loads` and validated against the OpenAI shapes, so bad
+input is an OpenAI-shaped 4xx naming the field, and a failure nobody expected is the contract's 500.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -26,15 +30,141 @@ from .runner import DeltaPump, Execution
 from .surface import Serving
 
 OPENAI_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "stop", "seed", "grammar")
+# The request field a refusal is about, for the `param` of OpenAI's error body.
+PARAM_OF = {"context_overflow": "max_tokens", "invalid_grammar": "grammar", "unknown_grammar": "grammar",
+            "too_many_inputs": "input", "invalid_reply_to": "reply_to"}
+log = logging.getLogger(__name__)
 
 
-def error(status: int, type_: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": status}},
-                        status_code=status)
+def error_fields(status: int, type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": type_, "param": param, "code": status}
+
+
+def error(status: int, type_: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": error_fields(status, type_, message, param)}, status_code=status)
+
+
+def refusal(e: p.BadRequest | ValidationError, params: Mapping[str, str] = PARAM_OF) -> JSONResponse:
+    """The OpenAI-shaped 4xx for a request the worker will not run; `param` names the field when it is known
+    (`params`: error type -> field)."""
+    if isinstance(e, ValidationError):
+        where = ".".join(str(x) for x in e.errors()[0]["loc"])
+        return error(400, "invalid_request", p.validation_message(e), where or None)
+    return error(e.status, e.type, e.message, params.get(e.type))
+
+
+def internal_error(worker: Serving, exc: BaseException, where: str) -> dict[str, Any]:
+    """The contract's 500 body for a failure no route expected, logged here, once, with its traceback (stderr and
+    the worker's event log, which `make logs` shows)."""
+    log.error("HTTP %s failed", where, exc_info=exc)
+    worker.store.event("http.error", f"{where}: {type(exc).__name__}: {str(exc)[:500]}", level="error",
+                       traceback="".join(traceback.format_exception(exc))[-4000:])
+    return error_fields(500, "internal_error", f"internal error: {type(exc).__name__}; see the worker log "
+                        "(make logs)")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read piece by piece and refused (413) as soon as it passes `limit` bytes, or before a byte is read
+    when Content-Length says it will: a huge body costs the worker no memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise too_large(limit)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
+def too_large(limit: int) -> p.BadRequest:
+    return p.BadRequest("payload_too_large", f"the request body is larger than {limit} bytes (MAX_REQUEST_BYTES); "
+                        "send a smaller one", status=413)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    body = p.loads(raw)
+    if not isinstance(body, dict):
+        raise p.BadRequest("invalid_request", "body must be a JSON object")
+    return body
+
+
+# --- the OpenAI request shapes (the fields this worker reads; others are ignored) -------------------------------
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Shape):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Shape):
+    role: str
+    content: list[TextPart]  # a string arrives as one text part
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [{"type": "text", "text": v}]
+        if not isinstance(v, list):
+            raise ValueError("content must be a string or a list of text parts")
+        return v
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content)
+
+
+class Chat(_Shape):
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = None
+
+
+class Completion(_Shape):
+    prompt: str
+    stream: bool | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request: a string or a list of one string")
+            return v[0]
+        return v
+
+
+class Embeddings(_Shape):
+    input: list[str]  # a string arrives as a list of one
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list):
+            raise ValueError("input must be a string or a list of strings")
+        return v
 
 
 Chunk = Callable[[str | None, str | None], dict[str, Any]]
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def refusing(fn: Handler, params: Mapping[str, str] = PARAM_OF) -> Handler:
+    """A route whose BadRequest and ValidationError become the OpenAI-shaped 4xx."""
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except (p.BadRequest, ValidationError) as e:
+            return refusal(e, params)
+    return wrapped
 
 
 def routes(worker: Serving) -> list[Route]:
@@ -51,31 +181,26 @@ def routes(worker: Serving) -> list[Route]:
         return None
 
     async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > s.max_request_bytes:
-            raise p.BadRequest("payload_too_large", f"request is {len(raw)} bytes; the limit is "
-                               f"{s.max_request_bytes}", status=413)
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise p.BadRequest("invalid_json", f"body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise p.BadRequest("invalid_request", "body must be a JSON object")
-        return body
+        return json_object(await read_body(request, s.max_request_bytes))
 
-    async def run(req: p.InferenceRequest | p.EmbeddingRequest, raw: dict[str, Any],
+    async def run(req: p.InferenceRequest | p.EmbeddingRequest, raw: dict[str, Any], trace: str | None,
                   on_delta: Callable[[str], None] | None = None) -> Any:
         """Run on the shared runner, log it with source=http, count it; the response body."""
         runner = worker.runner
         if runner is None:
             raise p.BadRequest("unavailable", f"the worker is {worker.status}; retry in a moment", status=503)
         req_id = req.req_id or p.new_req_id()
-        intake = Intake(req_id=req_id, worker_id=s.worker_id, source="http", raw_input=json.dumps(raw))
+        intake = Intake(req_id=req_id, worker_id=s.worker_id, source="http", raw_input=json.dumps(raw),
+                        trace_id=trace)
         gate.active += 1
+        t0 = time.perf_counter()
         try:
             done: Execution = await runner.execute(req, req_id, on_delta=on_delta)
         except p.BadRequest as e:
             worker.ledger.record(Finished.refused(intake, e))
+            raise
+        except Exception as e:
+            worker.ledger.record(Finished.failed(intake, e, (time.perf_counter() - t0) * 1000))
             raise
         finally:
             gate.active -= 1
@@ -83,34 +208,31 @@ def routes(worker: Serving) -> list[Route]:
         return done.body
 
     def handler(fn: Handler) -> Handler:
+        checked = refusing(fn)
+
         async def wrapped(request: Request) -> Response:
-            if (refused := refuse()) is not None:
-                return refused
-            try:
-                return await fn(request)
-            except p.BadRequest as e:
-                return error(e.status, e.type, e.message)
-            except ValidationError as e:
-                err = e.errors()[0]
-                return error(400, "invalid_request", f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+            return refused if (refused := refuse()) is not None else await checked(request)
         return wrapped
 
     def wrong_kind(route: str) -> p.BadRequest:
         return p.BadRequest("wrong_model_kind", f"{s.model_name} is a {s.model_kind} model and does not serve "
                             f"{route}; use {spec.http_route}", status=404)
 
-    def inference_request(body: dict[str, Any], **extra: Any) -> p.InferenceRequest:
+    def generating() -> None:
         if not spec.generates:
             raise wrong_kind("text generation")
-        params = {k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None}
-        req = p.InferenceRequest.model_validate({"params": params, "stream": bool(body.get("stream")), **extra})
-        req.check()
+
+    def inference_request(body: dict[str, Any], stream: bool | None, **extra: Any) -> p.InferenceRequest:
+        params = p.Params.model_validate({k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None})
+        req = p.InferenceRequest.model_validate({"params": params, "stream": bool(stream), **extra})
+        req.check(s.limits)
         return req
 
-    def streamed(req: p.InferenceRequest, raw: dict[str, Any], chunk: Chunk,
+    def streamed(request: Request, req: p.InferenceRequest, raw: dict[str, Any], chunk: Chunk,
                  final: Callable[[p.InferenceResponse], list[dict[str, Any]]]) -> StreamingResponse:
         """Server-sent events: one event per piece, then the final event(s), then `[DONE]`. The pieces come
-        from the generation thread through the runner's DeltaPump, as they do for NATS streams."""
+        from the generation thread through the runner's DeltaPump, as they do for NATS streams. A failure after
+        the headers went out is a last event `{"error": …}` before `[DONE]`."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         req_id = req.req_id = req.req_id or p.new_req_id()
 
@@ -120,27 +242,30 @@ def routes(worker: Serving) -> list[Route]:
         async def produce() -> p.InferenceResponse:
             pump = DeltaPump(put)
             try:
-                out: p.InferenceResponse = await run(req, raw, on_delta=pump.push)
+                out: p.InferenceResponse = await run(req, raw, p.trace_id(request.headers), on_delta=pump.push)
                 return out
             finally:
                 await pump.close()
                 queue.put_nowait(None)
 
+        def event(data: dict[str, Any]) -> str:
+            return f"data: {json.dumps(data)}\n\n"
+
         async def events() -> AsyncIterator[str]:
             task = asyncio.create_task(produce())
             try:
-                first = chunk(None, None)
-                if first:
-                    yield f"data: {json.dumps(first)}\n\n"
-                while (piece := await queue.get()) is not None:
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
                 try:
-                    out = await task
+                    if first := chunk(None, None):
+                        yield event(first)
+                    while (piece := await queue.get()) is not None:
+                        yield event(chunk(piece, None))
+                    last = final(await task)
                 except p.BadRequest as e:
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.status}})}\n\n"
-                else:
-                    for event in final(out):
-                        yield f"data: {json.dumps(event)}\n\n"
+                    last = [{"error": error_fields(e.status, e.type, e.message, PARAM_OF.get(e.type))}]
+                except Exception as e:
+                    last = [{"error": internal_error(worker, e, f"{request.method} {request.url.path} (stream)")}]
+                for data in last:
+                    yield event(data)
                 yield "data: [DONE]\n\n"
             finally:
                 if not task.done():  # the client went away: stop generating for nobody
@@ -158,20 +283,17 @@ def routes(worker: Serving) -> list[Route]:
     @handler
     async def completions(request: Request) -> Response:
         body = await body_of(request)
+        generating()
         if "input" in body or "params" in body:  # the seed's body, answered in its own shape
             req = p.InferenceRequest.model_validate(body)
-            req.check()
+            req.check(s.limits)
             if req.stream:
-                return streamed(req, body, lambda d, _f: {"req_id": req.req_id, "delta": d} if d else {},
+                return streamed(request, req, body, lambda d, _f: {"req_id": req.req_id, "delta": d} if d else {},
                                 lambda out: [json.loads(p.dumps(out.model_copy(update={"done": True})))])
-            out = await run(req, body)
+            out = await run(req, body, p.trace_id(request.headers))
             return Response(p.dumps(out), media_type="application/json")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise p.BadRequest("invalid_request", "prompt must be a string (one prompt per request)")
-        req = inference_request(body, input=prompt, raw=True)
+        shape = Completion.model_validate(body)
+        req = inference_request(body, shape.stream, input=shape.prompt, raw=True)
         cid, created = f"cmpl-{p.new_req_id()}", int(time.time())
 
         def text_chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -181,15 +303,17 @@ def routes(worker: Serving) -> list[Route]:
                     "choices": [{"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}]}
 
         if req.stream:
-            return streamed(req, body, text_chunk, lambda out: [text_chunk("", out.finish_reason)])
-        out = await run(req, body)
+            return streamed(request, req, body, text_chunk, lambda out: [text_chunk("", out.finish_reason)])
+        out = await run(req, body, p.trace_id(request.headers))
         return JSONResponse({**text_chunk(out.text, out.finish_reason), "usage": usage(out)})
 
     @handler
     async def chat_completions(request: Request) -> Response:
         body = await body_of(request)
-        messages = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in body.get("messages") or []]
-        req = inference_request(body, messages=messages)
+        generating()
+        shape = Chat.model_validate(body)
+        messages = [{"role": m.role, "content": m.text} for m in shape.messages]
+        req = inference_request(body, shape.stream, messages=messages)
         cid, created = f"chatcmpl-{p.new_req_id()}", int(time.time())
 
         def chat_chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -199,9 +323,9 @@ def routes(worker: Serving) -> list[Route]:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         if req.stream:
-            return streamed(req, body, chat_chunk, lambda out: [chat_chunk(None, out.finish_reason) | {
+            return streamed(request, req, body, chat_chunk, lambda out: [chat_chunk(None, out.finish_reason) | {
                 "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]}])
-        out = await run(req, body)
+        out = await run(req, body, p.trace_id(request.headers))
         message: dict[str, Any] = {"role": "assistant", "content": out.text}
         if out.reasoning is not None:
             message["reasoning_content"] = out.reasoning
@@ -214,11 +338,12 @@ def routes(worker: Serving) -> list[Route]:
         body = await body_of(request)
         if spec.response is not p.EmbeddingResponse:
             raise wrong_kind("/v1/embeddings")
-        req = p.EmbeddingRequest.model_validate({"input": body.get("input"), "model": body.get("model")})
-        req.check()
-        out = await run(req, body)
+        shape = Embeddings.model_validate(body)
+        req = p.EmbeddingRequest(input=shape.input, model=shape.model)
+        req.check(s.limits)
+        out = await run(req, body, p.trace_id(request.headers))
         data = [{"object": "embedding", "index": d.index,
-                 "embedding": _b64(d.embedding) if body.get("encoding_format") == "base64" else d.embedding}
+                 "embedding": _b64(d.embedding) if shape.encoding_format == "base64" else d.embedding}
                 for d in out.data]
         return JSONResponse({"object": "list", "data": data, "model": out.model, "usage": out.usage.model_dump()})
 
@@ -233,13 +358,6 @@ def routes(worker: Serving) -> list[Route]:
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
     ]
-
-
-def _text(content: Any) -> str:
-    """OpenAI message content: a string, or a list of parts of which the text ones count."""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content if isinstance(content, str) else ""
 
 
 def _b64(vector: list[float]) -> str:

@@ -10,6 +10,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -136,6 +137,26 @@ REQ_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_STOPS = 16  # stop strings per request
 MAX_STOP_CHARS = 256
 MAX_JSON_DEPTH = 64  # nesting of a request body; real ones use 4
+
+
+TRACE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_id(headers: Mapping[str, str]) -> str | None:
+    """The caller's trace id: `Fleet-Trace-Id`, else the trace-id field of a W3C `traceparent`; a malformed one is
+    a 400 `invalid_header` (NATS ingress and HTTP alike)."""
+    given, parent = headers.get(H_TRACE_ID), headers.get(H_TRACEPARENT)
+    if given is not None:
+        if not TRACE_ID.fullmatch(given):
+            raise BadRequest("invalid_header", f"{H_TRACE_ID} is 1-128 letters, digits, '_', '-', '.' or ':'")
+        return given
+    if parent is not None:
+        if not (m := TRACEPARENT.fullmatch(parent)):
+            raise BadRequest("invalid_header", "traceparent is not W3C trace context (00-<32 hex trace id>-<16 "
+                             "hex parent id>-<2 hex flags>)")
+        return m[1]
+    return None
 
 
 def now_ms() -> int:
@@ -391,18 +412,22 @@ class Limits:
     max_tokens: int = 1 << 20  # MAX_TOKENS_LIMIT (a worker: its CTX_SIZE unless set lower)
     embed_max_inputs: int = 2048  # EMBED_MAX_INPUTS, as OpenAI
     grammar_max_bytes: int = 64 * 1024  # GRAMMAR_MAX_BYTES
-    grammar_max_depth: int = 64  # GRAMMAR_MAX_DEPTH: nesting of ( ) and [ ] groups
+    grammar_max_depth: int = 64  # GRAMMAR_MAX_DEPTH: nesting of ( ) groups
+    grammar_max_rules: int = 1000  # GRAMMAR_MAX_RULES: `::=` definitions
+    grammar_max_optional: int = 128  # GRAMMAR_MAX_OPTIONAL: `?` and `*` items
     reply_prefixes: tuple[str, ...] = REPLY_PREFIXES
 
 
 def gbnf_problem(text: str, limits: Limits) -> str | None:
-    """Why a GBNF grammar is refused before llama.cpp parses it (its parser recurses once per nested group and
-    crashes the process around 20,000 levels), or None. Counts ( ) nesting outside strings and character classes."""
+    """Why a GBNF grammar is refused before llama.cpp sees it, or None. Its parser recurses once per nested group
+    (20,000 levels crash the process), a left-recursive chain of 50,000 rules aborts it, and a chain of optional
+    items makes the sampler's work per token grow exponentially (200 `"a"?` in a row: minutes per token, inside
+    one C call nothing can interrupt). Counted outside strings, character classes and comments."""
     size = len(text.encode(errors="replace"))
     if size > limits.grammar_max_bytes:
         return (f"the grammar is {size} bytes; the limit is {limits.grammar_max_bytes} (GRAMMAR_MAX_BYTES): "
-                "store it with PUT /grammars/<name> once it is smaller, or simplify it")
-    depth = deepest = 0
+                "simplify it")
+    depth = deepest = rules = optional = 0
     i, n = 0, len(text)
     while i < n:
         c = text[i]
@@ -419,10 +444,19 @@ def gbnf_problem(text: str, limits: Limits) -> str | None:
             deepest = max(deepest, depth)
         elif c == ")":
             depth -= 1
+        elif c in "?*":
+            optional += 1
+        elif c == ":" and text.startswith("::=", i):
+            rules += 1
         i += 1
     if deepest > limits.grammar_max_depth:
         return (f"the grammar nests groups {deepest} deep; the limit is {limits.grammar_max_depth} "
                 "(GRAMMAR_MAX_DEPTH): name the inner groups as rules")
+    if rules > limits.grammar_max_rules:
+        return f"the grammar has {rules} rules; the limit is {limits.grammar_max_rules} (GRAMMAR_MAX_RULES)"
+    if optional > limits.grammar_max_optional:
+        return (f"the grammar has {optional} optional or repeated items (? and *); the limit is "
+                f"{limits.grammar_max_optional} (GRAMMAR_MAX_OPTIONAL), as each one multiplies the work per token")
     return None
 
 

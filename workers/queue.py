@@ -9,7 +9,9 @@ failure. Workers of one model share one durable pull consumer. Messages that exh
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +28,15 @@ from .outcome import Finished, Intake
 from .store import Store
 from .streams import ensure_consumer, ensure_stream
 
-__all__ = ["DeadLetters", "Ingress", "Replier", "ensure_consumer", "ensure_stream", "header_bytes", "reply_targets"]
+__all__ = ["DeadLetters", "Ingress", "Replier", "ensure_consumer", "ensure_stream", "header_bytes", "reply_in_payload",
+           "reply_targets"]
 
 Record = Callable[[Finished], None]  # Ledger.record: log row, metrics, totals
+# Told of every queued request (stream seq, req_id, reply targets, deadline in epoch ms): healing.StreamGuard
+Queued = Callable[[int, str, list[str], int], None]
+MAX_CALLER_HEADER_BYTES = 16 * 1024  # a caller's headers on a request; the queue keeps only CALLER_HEADERS
 
+log = logging.getLogger(__name__)
 ERR_MAX_PER_SUBJECT = 10077  # JSStreamStoreFailedF "maximum messages per subject exceeded"
 
 
@@ -65,20 +72,40 @@ class Replier:
             await self.nc.publish(subject, data, headers=headers or None)
 
 
-def reply_targets(*candidates: str | None) -> list[str]:
-    """Where answers may go: the caller's inboxes, each once. Only `_INBOX.…` subjects: a caller must not be able to
-    make a worker publish on a subject of the fleet's own (a heartbeat, a report, a queue) by naming it as its
-    reply subject or `reply_to`."""
-    return [c for c in dict.fromkeys(candidates) if c and p.is_inbox(c)]
+def reply_targets(*candidates: str | None, prefixes: tuple[str, ...] = p.REPLY_PREFIXES) -> list[str]:
+    """Where answers may go: the caller's inboxes, each once. Only `_INBOX.…` subjects (REPLY_PREFIXES): a caller
+    must not be able to make a worker publish on a subject of the fleet's own (a heartbeat, a report, a queue, a
+    request subject, `$JS.API…`) by naming it as its reply subject or `reply_to`."""
+    return [c for c in dict.fromkeys(candidates) if c and p.is_inbox(c, prefixes)]
+
+
+def caller_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """The headers of a caller's request that travel with it through the queue: its timeout and trace ids
+    (`traceparent`'s trace id becomes the Fleet-Trace-Id when none is given). Anything else is dropped, so a
+    caller cannot set JetStream's own (`Nats-…`) or the fleet's routing headers."""
+    headers = headers or {}
+    size = header_bytes(headers)
+    if size > MAX_CALLER_HEADER_BYTES:
+        raise p.BadRequest("headers_too_large", f"the request's headers are {size} bytes; the limit is "
+                           f"{MAX_CALLER_HEADER_BYTES}: send the input in the body", status=413)
+    kept = {k: v for k, v in headers.items() if k in p.CALLER_HEADERS}
+    if (trace := p.trace_id(kept)) is not None:
+        kept[p.H_TRACE_ID] = trace
+    if p.H_TIMEOUT_MS in kept and _int(kept, p.H_TIMEOUT_MS) is None:
+        raise p.BadRequest("invalid_header", f"{p.H_TIMEOUT_MS} is a whole number of milliseconds above 0")
+    return kept
 
 
 class Ingress:
     """Turns public core requests into queued JetStream messages; replies only when it cannot queue."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, record: Record) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, record: Record,
+                 queued: Queued | None = None) -> None:
         self.nc, self.js, self.settings, self.record = nc, js, settings, record
+        self.queued = queued
         self.replier = Replier(nc, settings)
         self.subject = p.queue_subject(settings.model_kind, settings.model_name)
+        self.limits = settings.limits
         self.service: Any = None
 
     async def start(self, stats: Callable[[Any], Any]) -> None:
@@ -111,15 +138,19 @@ class Ingress:
             if len(msg.data) > self.settings.max_request_bytes:
                 raise p.BadRequest("payload_too_large", f"request is {len(msg.data)} bytes; the limit is "
                                    f"{self.settings.max_request_bytes} (MAX_REQUEST_BYTES)", status=413)
-            req = p.parse_request(self.settings.model_kind, msg.data)
+            headers = caller_headers(msg.headers)
+            req = p.parse_request(self.settings.model_kind, msg.data, self.limits)
             req_id = req.req_id or p.new_req_id()
             payload_reply = req.reply_to
-            headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Fleet-")}
-            timeout_ms = req.timeout_ms or _int(msg.headers, p.H_TIMEOUT_MS) or self.settings.default_timeout_ms
+            if msg.reply and not p.is_inbox(msg.reply, self.limits.reply_prefixes):
+                p.check_reply_to(msg.reply, self.limits.reply_prefixes)
+            timeout_ms = req.timeout_ms or _int(headers, p.H_TIMEOUT_MS) or self.settings.default_timeout_ms
+            deadline = received + timeout_ms
             headers.update({
                 p.H_REQ_ID: req_id,
+                p.H_MSG_ID: req_id,  # a retry of this req_id within the stream's duplicate window is one job
                 p.H_ENQUEUED_AT: str(received),
-                p.H_DEADLINE: str(received + timeout_ms),
+                p.H_DEADLINE: str(deadline),
                 p.H_INGRESS: self.settings.worker_id,
             })
             if msg.reply:
@@ -127,7 +158,14 @@ class Ingress:
             if len(msg.data) + header_bytes(headers) > self.nc.max_payload:
                 raise p.BadRequest("payload_too_large", "request plus routing headers exceeds the server's "
                                    f"max_payload ({self.nc.max_payload} bytes); send a smaller input", status=413)
-            await self.js.publish(self.subject, msg.data, headers=headers, timeout=5.0)
+            ack = await self.js.publish(self.subject, msg.data, headers=headers, timeout=5.0)
+            if ack.duplicate:
+                raise p.BadRequest("duplicate_request", f"req_id {req_id} is queued or was answered already (in "
+                                   "the last 2 minutes); its answer goes to the first request's reply subject. "
+                                   "Send a new req_id to run it again", status=409)
+            if self.queued is not None:
+                self.queued(ack.seq, req_id, reply_targets(msg.reply, payload_reply,
+                                                            prefixes=self.limits.reply_prefixes), deadline)
         except p.BadRequest as e:
             await self._reject(msg, req_id, payload_reply, e.status, e.type, e.message)
         except APIError as e:
@@ -141,13 +179,25 @@ class Ingress:
         except (NoRespondersError, NoStreamResponseError, NatsTimeoutError, TimeoutError):
             await self._reject(msg, req_id, payload_reply, 503, "queue_unavailable",
                                "JetStream is not available; retry in a few seconds")
+        except Exception as e:  # a bug of ours: the contract's 500, logged once, and the ingress keeps serving
+            log.exception("ingress: unexpected error for %s", req_id or "a request")
+            await self._reject(msg, req_id, payload_reply, 500, "internal_error",
+                               f"internal error ({type(e).__name__}); see the worker log (make logs)")
 
     async def _reject(self, msg: Msg, req_id: str, payload_reply: str | None, status: int, type_: str,
                       message: str) -> None:
         req_id = req_id or _req_id_guess(msg.data)
         data, headers = self.replier.error(req_id, status, type_, message)
-        await self.replier.send(reply_targets(msg.reply, payload_reply), data, headers, req_id)
-        intake = Intake(req_id=req_id, worker_id=self.settings.worker_id,
+        try:
+            trace = p.trace_id(msg.headers or {})
+        except p.BadRequest:
+            trace = None
+        if trace:
+            headers[p.H_TRACE_ID] = trace
+        targets = reply_targets(msg.reply, payload_reply, prefixes=self.limits.reply_prefixes)
+        with contextlib.suppress(Exception):  # disconnected: nobody can be told
+            await self.replier.send(targets, data, headers, req_id)
+        intake = Intake(req_id=req_id, worker_id=self.settings.worker_id, trace_id=trace,
                         raw_input=msg.data[:4096].decode(errors="replace"), deliveries=0)
         self.record(Finished.refused(intake, p.BadRequest(type_, message, status)))
 
@@ -190,8 +240,9 @@ class DeadLetters:
         message = (f"the request failed {deliveries} times and was removed from the queue; "
                    "see the worker log (make logs) and retry")
         data, err_headers = self.replier.error(req_id, 500, "dead_letter", message)
-        payload_reply = _payload_reply(stored.data or b"")
-        await self.replier.send(reply_targets(headers.get(p.H_REPLY_TO), payload_reply), data, err_headers, req_id)
+        payload_reply = reply_in_payload(stored.data or b"")
+        await self.replier.send(reply_targets(headers.get(p.H_REPLY_TO), payload_reply,
+                                              prefixes=self.settings.limits.reply_prefixes), data, err_headers, req_id)
         try:
             await self.js.delete_msg(p.STREAM_NAME, seq)
         except NotFoundError:
@@ -211,19 +262,20 @@ def _int(headers: dict[str, str] | None, key: str) -> int | None:
 
 
 def _req_id_guess(data: bytes) -> str:
-    try:
-        obj = json.loads(data)
-        if isinstance(obj, dict) and isinstance(obj.get("req_id"), str):
-            return obj["req_id"]
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return p.new_req_id()
+    """The caller's req_id from a body that may not parse, when it is a valid one; else a new one."""
+    obj = _object(data)
+    value = obj.get("req_id")
+    return value if isinstance(value, str) and p.REQ_ID.match(value) else p.new_req_id()
 
 
-def _payload_reply(data: bytes) -> str | None:
+def reply_in_payload(data: bytes) -> str | None:
+    value = _object(data).get("reply_to")
+    return value if isinstance(value, str) else None
+
+
+def _object(data: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(data)
-        value = obj.get("reply_to") if isinstance(obj, dict) else None
-        return value if isinstance(value, str) else None
-    except (ValueError, UnicodeDecodeError):
-        return None
+        obj = p.loads(data)
+    except p.BadRequest:
+        return {}
+    return obj if isinstance(obj, dict) else {}

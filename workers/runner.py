@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from . import protocol as p
-from .engine import Engine
+from .engine import Engine, Expired
 from .formats import PromptFormat, format_prompt
 from .grammars import GrammarStore
 from .outcome import RunFacts
@@ -72,16 +72,23 @@ class Runner:
     # --- execute ---------------------------------------------------------------------
 
     async def execute(self, req: Request, req_id: str, *, queue_ms: float = 0.0, owner: str | None = None,
-                      on_delta: Callable[[str], None] | None = None) -> Execution:
+                      on_delta: Callable[[str], None] | None = None, deadline_ms: int | None = None) -> Execution:
         """Run the request (`owner`: whose reply inbox it answers, for owner-only cancels). Raises BadRequest for
-        input the model refuses."""
+        input the model refuses, and 504 `expired` when the caller's deadline (`deadline_ms`, epoch ms, as the
+        Fleet-Deadline header) passes before the answer is complete: a late answer is discarded, not sent."""
         if isinstance(req, p.EmbeddingRequest):
-            return await self._embed(req, req_id, queue_ms)
-        return await self._complete(req, req_id, queue_ms, owner, on_delta)
+            return await self._embed(req, req_id, queue_ms, deadline_ms)
+        return await self._complete(req, req_id, queue_ms, owner, on_delta, deadline_ms)
 
-    async def _embed(self, req: p.EmbeddingRequest, req_id: str, queue_ms: float) -> Execution:
+    async def _embed(self, req: p.EmbeddingRequest, req_id: str, queue_ms: float,
+                     deadline_ms: int | None) -> Execution:
         t0 = time.perf_counter()
-        emb = await self.engine.embed(req.texts())
+        texts = req.texts()
+        try:
+            emb = await self.engine.embed(texts, deadline_ms=deadline_ms)
+        except Expired as e:
+            raise p.BadRequest("expired", f"the caller's deadline passed while embedding, after {e.done} of "
+                               f"{len(texts)} inputs; the partial answer was discarded", status=504) from None
         dur = (time.perf_counter() - t0) * 1000
         body = p.EmbeddingResponse(
             data=[p.EmbeddingItem(embedding=v, index=i) for i, v in enumerate(emb.vectors)],
@@ -93,17 +100,21 @@ class Runner:
         return Execution(body, facts)
 
     async def _complete(self, req: p.InferenceRequest, req_id: str, queue_ms: float, owner: str | None,
-                        on_delta: Callable[[str], None] | None) -> Execution:
+                        on_delta: Callable[[str], None] | None, deadline_ms: int | None) -> Execution:
         if self.fmt is None:
             raise p.BadRequest("wrong_model_kind", f"{self.model_name} does not generate text", status=404)
         t0 = time.perf_counter()
         prompt = format_prompt(req, self.fmt)
-        grammar = self.grammars.resolve(req.params.grammar) if (req.params.grammar and self.grammars) else None
+        grammar = (await self.grammars.resolve(req.params.grammar)
+                   if (req.params.grammar and self.grammars) else None)
         cancel = threading.Event()
         self.running[req_id] = (cancel, owner)
         try:
             out = await self.engine.complete(prompt, req.params, stop=self.fmt.stop, grammar=grammar,
-                                             on_delta=on_delta, cancel=cancel)
+                                             on_delta=on_delta, cancel=cancel, deadline_ms=deadline_ms)
+        except Expired as e:
+            raise p.BadRequest("expired", f"the caller's deadline passed while generating, after {e.done} tokens; "
+                               "the partial answer was discarded", status=504) from None
         finally:
             self.running.pop(req_id, None)
         text, reasoning = (out.text, None) if req.raw else self.fmt.parse(out.text)

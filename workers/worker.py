@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 
 from . import formats
 from . import protocol as p
-from .answered import Answered, ensure_answered
+from .answered import Answered, Attempts, ensure_answered
 from .config import Settings
 from .connection import connect
 from .consumer import Consumer
@@ -169,7 +169,8 @@ class Worker:
             path = await asyncio.to_thread(resolve, s)
             engine = Engine(path, embedding=not spec.generates, concurrency=s.worker_concurrency,
                             ctx_size=s.ctx_size, threads=s.model_threads, pooling=s.pooling,
-                            default_max_tokens=s.default_max_tokens, normalize=s.embed_normalize)
+                            default_max_tokens=s.default_max_tokens, normalize=s.embed_normalize,
+                            embed_max_tokens=s.embed_token_cap)
             log.info("%s: loading %s (%d context(s), ctx %d) …", s.model_name, path.name, s.worker_concurrency,
                      s.ctx_size)
             await engine.load()
@@ -190,7 +191,7 @@ class Worker:
             except formats.FormatError as e:
                 engine.close()
                 raise StartupError(str(e)) from None
-            grammars = GrammarStore(s.data_dir / "grammars", engine.check_grammar)
+            grammars = GrammarStore(s.data_dir / "grammars", engine.check_grammar, limits=s.limits)
         card = ModelCard(
             capabilities=capabilities(engine.metadata, kind=s.model_kind, grammars=grammars is not None),
             model_info=model_info(engine.metadata, n_params=engine.n_params, context_size=s.ctx_size),
@@ -208,7 +209,8 @@ class Worker:
             stack.push_async_callback(cancels.unsubscribe)
         psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
         consumer = self._consumer = Consumer(psub, settings=s, runner=runner, replier=replier, ledger=self.ledger,
-                                             store=self.store, metrics=self.metrics, answered=answered)
+                                             store=self.store, metrics=self.metrics, answered=answered,
+                                             attempts=Attempts(answered.kv, s, self.store))
         consumer.start()
         stack.push_async_callback(consumer.stop_pulling)
         ingress = Ingress(nc, js, s, self.ledger.record)
@@ -230,7 +232,7 @@ class Worker:
         owner = None if msg.subject == p.cancel_subject(s.model_kind, s.model_name) else msg.subject.split(".")[2]
         state = self._loaded.runner.cancel(req_id, owner) if self._loaded else "queued"
         self.store.event("request.cancel", f"cancel {req_id} ({state})", req_id=req_id, state=state, owner=owner)
-        if msg.reply and state == "running":
+        if msg.reply and state == "running" and p.is_inbox(msg.reply, s.limits.reply_prefixes):
             await msg.respond(p.json_bytes({"req_id": req_id, "cancelled": True, "worker_id": self.settings.worker_id}))
 
     async def _start_http(self, stack: contextlib.AsyncExitStack) -> None:
