@@ -102,6 +102,9 @@ def worker(i: Identity) -> Permissions:
         subscribe=[
             p.request_subject(k, m), p.health_subject(m), p.heartbeat_subject(m),  # peers' beats: worker_count
             p.cancel_subject(k, m), p.owner_cancel_subject(k, "*", m), dead_letter_subject(k, m),
+            # the queue heals (workers/healing.py): the stream or the model's consumer deleted or changed
+            f"$JS.EVENT.ADVISORY.STREAM.DELETED.{stream}", f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{stream}",
+            f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{stream}.{durable}",
             "$SRV.PING", "$SRV.INFO", "$SRV.STATS", f"$SRV.*.{svc}", f"$SRV.*.{svc}.*",  # the nats.micro service
             f"{i.inbox}.>",
         ],

@@ -8,7 +8,7 @@ from nats.js.api import KeyValueConfig
 
 from workers import protocol as p
 from workers.answered import BUCKET, Answered, ensure_answered
-from workers.streams import ensure_consumer, ensure_stream
+from workers.streams import ensure_consumer, ensure_stream, stored_us
 
 from .unit_support import unit_settings
 
@@ -39,7 +39,7 @@ async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answere
     assert await Answered(kv, b, events).claim(first) == "theirs"  # delivered again to b: b must not answer it
     assert await Answered(kv, a, events).claim(first) == "theirs"
     assert await Answered(kv, b, events).claim(second) == "mine"  # another message: its own claim
-    assert (await kv.get(f"unit_model.{first.metadata.sequence.stream}")).value.startswith(b"a ")
+    assert (await kv.get(f"unit_model.{first.metadata.sequence.stream}.{stored_us(first)}")).value.startswith(b"a ")
     assert events.seen == []
     await nc.close()
 

@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 from . import protocol as p
 from .config import Settings
 from .connection import EventSink
-from .streams import Difference, Rule, longer_age, more_replicas, record, refused_replicas, tighten
+from .streams import Difference, Rule, longer_age, more_replicas, record, refused_replicas, stored_us, tighten
 
 __all__ = ["BUCKET", "Answered", "Attempts", "Claim", "ensure_answered"]
 
@@ -81,7 +81,8 @@ class Answered:
         self.live = live  # whether a worker that claimed a message is still heard from (telemetry.is_live)
 
     def key(self, msg: Msg) -> str:
-        return f"{p.token(self.settings.model_name)}.{msg.metadata.sequence.stream}"
+        """`<model>.<stream seq>.<stored µs>`: a stream recreated after a deletion numbers from 1 again."""
+        return f"{p.token(self.settings.model_name)}.{msg.metadata.sequence.stream}.{stored_us(msg)}"
 
     async def claim(self, msg: Msg) -> Claim:
         """Whether this worker answers `msg` (see Claim)."""
@@ -135,15 +136,15 @@ class Attempts:
     crashes every worker that runs it (a llama.cpp bug, a poison input) is answered `dead_letter` after
     POISON_MAX_CRASHES such attempts instead of killing the fleet one worker at a time.
 
-    Each attempt writes `<crashes> running <worker_id>` under `<model>.run.<stream seq>` in the claims bucket
-    before it runs, and `<crashes> settled` when it gives the message back; an attempt that finds `running`
-    left by the previous one counts one more crash. The key expires with the bucket's TTL."""
+    Each attempt writes `<crashes> running <worker_id>` under `<model>.run.<stream seq>.<stored µs>` in the
+    claims bucket before it runs, and `<crashes> settled` when it gives the message back; an attempt that finds
+    `running` left by the previous one counts one more crash. The key expires with the bucket's TTL."""
 
     def __init__(self, kv: KeyValue, settings: Settings, events: EventSink) -> None:
         self.kv, self.settings, self.events = kv, settings, events
 
     def key(self, msg: Msg) -> str:
-        return f"{p.token(self.settings.model_name)}.run.{msg.metadata.sequence.stream}"
+        return f"{p.token(self.settings.model_name)}.run.{msg.metadata.sequence.stream}.{stored_us(msg)}"
 
     async def begin(self, msg: Msg) -> int:
         """Record this attempt; the number of earlier attempts that crashed."""

@@ -3,7 +3,8 @@ for the lifecycle.
 
 Writes go through a bounded in-memory queue drained by one writer task, so the request path
 never waits on the disk. A row that cannot be queued or written is logged as an error and
-counted (`dropped`), never silently lost.
+counted (`dropped`), never silently lost. The few latest events worth an operator's eye are also kept in
+memory (`alerts`), for the heartbeat: it must not read SQLite every few seconds.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -45,6 +47,25 @@ _INSERT_REQUEST = (
 _INSERT_EVENT = "INSERT INTO events (ts, level, code, msg, meta) VALUES (?, ?, ?, ?, ?)"
 log = logging.getLogger(__name__)
 
+# Events shown on the monitor (the heartbeat's `alerts`) when recorded at warning level or above: the queue was
+# rebuilt or behaves otherwise than this worker expects, or a request could not be answered normally.
+ALERT_KINDS = frozenset({
+    "stream.recreated", "consumer.recreated", "stream.recreate_failed", "stream.differs", "consumer.differs",
+    "request.poison", "request.dead_letter", "request.claim_taken_over", "queue.ack_failed",
+})
+ALERT_LEVELS = ("warning", "error")
+ALERTS_KEPT = 5
+ALERT_MAX_CHARS = 300  # a heartbeat carries five of them
+
+
+class Recent(NamedTuple):
+    """One event kept in memory for the heartbeat."""
+
+    ts: float
+    code: str
+    msg: str
+    level: str
+
 
 class Store:
     """Asynchronous, non-blocking request and event log for one worker."""
@@ -58,6 +79,7 @@ class Store:
         self._queue: asyncio.Queue[tuple[str, tuple[Any, ...]] | None] = asyncio.Queue(queue_size)
         self._db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
+        self.alerts: deque[Recent] = deque(maxlen=ALERTS_KEPT)  # newest last
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +109,11 @@ class Store:
         self._put(_INSERT_REQUEST, tuple(row.get(c) for c in REQUEST_COLUMNS))
 
     def event(self, code: str, msg: str = "", level: str = "info", **meta: Any) -> None:
-        self._put(_INSERT_EVENT, (time.time(), level, code, msg, json.dumps(meta, default=str) if meta else None))
+        ts = time.time()
+        if code in ALERT_KINDS and level in ALERT_LEVELS:
+            short = msg if len(msg) <= ALERT_MAX_CHARS else msg[:ALERT_MAX_CHARS - 1] + "…"
+            self.alerts.append(Recent(ts, code, short, level))
+        self._put(_INSERT_EVENT, (ts, level, code, msg, json.dumps(meta, default=str) if meta else None))
 
     def _put(self, sql: str, args: tuple[Any, ...]) -> None:
         try:

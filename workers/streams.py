@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -32,7 +33,7 @@ from .config import Settings
 from .connection import EventSink
 
 __all__ = ["Difference", "Rule", "ensure_consumer", "ensure_stream", "longer_age", "more_replicas", "record",
-           "refused_replicas", "stream_config", "tighten"]
+           "recreate_stream", "refused_replicas", "stored_us", "stream_config", "tighten"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,23 @@ async def ensure_stream(js: JetStreamContext, settings: Settings, events: EventS
             return [created] if isinstance(created, Difference) else []
         info = await js.stream_info(p.STREAM_NAME)  # another worker created it in between
     return await tighten(js, info.config, wanted, STREAM_RULES, settings, events)
+
+
+async def recreate_stream(js: JetStreamContext, settings: Settings, events: EventSink | None = None) -> bool:
+    """The stream was deleted: create it with this worker's settings. False when another worker was first with other
+    settings (the usual rule then applies to theirs); nats-server accepts a create identical to the existing
+    stream, so racing workers with the same settings all see True."""
+    if await _create_stream(js, stream_config(settings), events) is not None:
+        return True
+    await ensure_stream(js, settings, events)
+    return False
+
+
+def stored_us(msg: Msg) -> int:
+    """When JetStream stored `msg` (µs since the epoch): the same on every delivery of it, and unlike the stream
+    sequence never repeated by a message of the stream recreated since (workers/healing.py), whose sequences
+    start again at 1. Keys in FLEET_ANSWERED end with it."""
+    return round(msg.metadata.timestamp.timestamp() * 1_000_000)
 
 
 async def tighten(js: JetStreamContext, current: StreamConfig, wanted: StreamConfig, rules: list[Rule],

@@ -1,19 +1,26 @@
 """What a worker tells the world: health replies, heartbeats, backpressure reports, `$SRV` stats.
 
 Queue depth is JetStream's own number (consumer `num_pending + num_ack_pending`), refreshed once a
-second by one task and cached; replicas of a model therefore report the same depth.
+second by one task and cached; replicas of a model therefore report the same depth. That look at the consumer is
+shared with the stream guard (workers/healing.py), which recreates a deleted consumer.
+
+Every heartbeat and health reply carries `instance`, a random token drawn once per process (the monitor trusts
+the first one it saw for a worker_id), and `alerts`, the latest events worth an operator's eye (Store.alerts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+from nats.js.errors import NotFoundError
 
 from . import protocol as p
 from .config import Settings
@@ -21,6 +28,10 @@ from .metrics import Metrics
 from .outcome import Ledger
 from .store import Store
 from .surface import ModelCard
+
+INSTANCE = secrets.token_hex(8)  # this process, in every heartbeat
+ALERT_MAX_AGE_S = 3600.0  # an alert older than this is no longer news
+
 
 
 class WorkerState(Protocol):
@@ -39,10 +50,18 @@ class WorkerState(Protocol):
     def active(self) -> int: ...
 
 
+class ConsumerWatch(Protocol):
+    """Told of each look at the model's consumer (None: it does not exist): healing.StreamGuard."""
+
+    def observe(self, info: ConsumerInfo | None) -> None: ...
+
+
 class Telemetry:
     def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store, state: WorkerState,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, watch: ConsumerWatch | None = None) -> None:
         self.nc, self.js, self.settings, self.store, self.state, self.metrics = nc, js, settings, store, state, metrics
+        self.watch = watch
+        self.instance = INSTANCE
         self.depth = 0
         self.seq = 0
         self.peers: dict[str, float] = {}  # worker_id -> monotonic time of its last heartbeat
@@ -94,8 +113,14 @@ class Telemetry:
         s = self.settings
         try:
             info = await self.js.consumer_info(p.STREAM_NAME, p.consumer_name(s.model_kind, s.model_name))
+        except NotFoundError:
+            if self.watch is not None:
+                self.watch.observe(None)
+            return
         except Exception:
             return  # keep the last known depth while JetStream is unreachable
+        if self.watch is not None:
+            self.watch.observe(info)
         self.depth = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
         self.metrics.waiting.labels(s.model_name).set(self.depth)
 
@@ -115,8 +140,14 @@ class Telemetry:
             ),
             backpressure_status=p.Backpressure(level=self.level, utilization=self.utilization),
             started_at=st.started_at, uptime_s=round(time.time() - st.started_at, 3),
-            heartbeat_interval_s=s.heartbeat_interval, seq=self.seq,
+            heartbeat_interval_s=s.heartbeat_interval, seq=self.seq, instance=self.instance, alerts=self.alerts(),
         )
+
+    def alerts(self) -> list[p.Alert]:
+        """The worker's latest warnings worth showing on the monitor, newest last (from memory, not SQLite)."""
+        since = time.time() - ALERT_MAX_AGE_S
+        return [p.Alert(ts=a.ts, kind=a.code, message=a.msg, level="critical" if a.level == "error" else "warning")
+                for a in self.store.alerts if a.ts >= since]
 
     def report(self) -> p.BackpressureReport:
         s = self.settings

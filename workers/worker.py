@@ -22,6 +22,7 @@ from .connection import connect
 from .consumer import Consumer
 from .engine import Engine
 from .grammars import GrammarStore
+from .healing import StreamGuard
 from .httpapi import Server, build_app, server
 from .metrics import Metrics
 from .modelfile import ModelNotFound, resolve
@@ -74,6 +75,7 @@ class Worker:
         self._nc: NATS | None = None
         self._loaded: Loaded | None = None
         self._consumer: Consumer | None = None
+        self._guard: StreamGuard | None = None
 
     # --- what telemetry and the HTTP app see -------------------------------------------------
 
@@ -127,8 +129,11 @@ class Worker:
                 await ensure_stream(js, s, self.store)
                 durable = await ensure_consumer(js, s, self.store)
                 claims, _ = await ensure_answered(js, s, self.store)
+                guard = self._guard = StreamGuard(nc, js, s, self.store, self.ledger.record)  # recreates them
+                await guard.start()
+                stack.push_async_callback(guard.stop)
                 # 2. telemetry: health, heartbeats (`starting` goes out now), backpressure reports
-                telemetry = Telemetry(nc, js, s, self.store, self, self.metrics)
+                telemetry = Telemetry(nc, js, s, self.store, self, self.metrics, watch=guard)
                 await telemetry.start()
                 stack.push_async_callback(telemetry.stop)
                 # 3. the HTTP API (health and metrics answer while the model loads)
@@ -213,7 +218,7 @@ class Worker:
                                              attempts=Attempts(answered.kv, s, self.store))
         consumer.start()
         stack.push_async_callback(consumer.stop_pulling)
-        ingress = Ingress(nc, js, s, self.ledger.record)
+        ingress = Ingress(nc, js, s, self.ledger.record, queued=self._guard.queued if self._guard else None)
         await ingress.start(telemetry.stats_data)
         stack.push_async_callback(ingress.stop)
         dead_letters = DeadLetters(nc, js, s, self.store, self.ledger.record)
