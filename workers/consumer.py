@@ -243,6 +243,10 @@ class Consumer:
             try:
                 await msg.ack_sync(timeout=1.0)
                 return
+            except nats.errors.NoRespondersError:  # the consumer is gone (deleted; healing.py recreates it)
+                self.store.event("queue.ack_failed", "the ack found no consumer; the message went with it",
+                                 level="warning")
+                return
             except (TimeoutError, nats.errors.Error) as e:
                 if time.monotonic() > deadline:
                     self.store.event("queue.ack_failed", f"no confirmation of the ack: {e!r}", level="warning")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import struct
@@ -198,6 +199,7 @@ def routes(worker: Serving) -> list[Route]:
             done: Execution = await runner.execute(req, req_id, on_delta=on_delta)
         except p.BadRequest as e:
             worker.ledger.record(Finished.refused(intake, e))
+            e.recorded = True
             raise
         except Exception as e:
             worker.ledger.record(Finished.failed(intake, e, (time.perf_counter() - t0) * 1000))
@@ -208,7 +210,20 @@ def routes(worker: Serving) -> list[Route]:
         return done.body
 
     def handler(fn: Handler) -> Handler:
-        checked = refusing(fn)
+        async def checked(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except (p.BadRequest, ValidationError) as e:
+                if not getattr(e, "recorded", False):  # refused before it ran: logged here, once
+                    trace = None
+                    with contextlib.suppress(p.BadRequest):
+                        trace = p.trace_id(request.headers)
+                    intake = Intake(req_id=p.new_req_id(), worker_id=s.worker_id, source="http", trace_id=trace,
+                                    raw_input=f"{request.method} {request.url.path}")
+                    bad = e if isinstance(e, p.BadRequest) else p.BadRequest("invalid_request",
+                                                                            p.validation_message(e))
+                    worker.ledger.record(Finished.refused(intake, bad))
+                return refusal(e)
 
         async def wrapped(request: Request) -> Response:
             return refused if (refused := refuse()) is not None else await checked(request)

@@ -396,6 +396,7 @@ class BadRequest(Exception):
     """A request the worker will not run; answered at once with a 4xx-style error."""
 
     status = 400
+    recorded = False  # already in the request log (the HTTP routes log a refusal once)
 
     def __init__(self, type_: str, message: str, status: int | None = None) -> None:
         super().__init__(message)

@@ -136,6 +136,10 @@ async def test_hostile_generation_requests_get_coded_json_errors_and_the_worker_
         ok = await http.post(CHAT, json=HELLO)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     assert w.proc.poll() is None and "Traceback" not in w.output()
+    w.terminate()
+    with sqlite3.connect(w.db) as con:  # every refused OpenAI request is in the log, once
+        rows = con.execute("SELECT count(*) FROM requests WHERE source = 'http' AND status = 'rejected'").fetchone()
+    assert rows[0] == sum(1 for case in GENERATION if case.path.startswith("/v1/") and case.method == "POST")
 
 
 async def test_hostile_embedding_requests_get_coded_json_errors_and_the_worker_serves_on(start_worker):
