@@ -155,7 +155,7 @@ class Telemetry:
             model_name=s.model_name, worker_id=s.worker_id, pending_messages=self.depth,
             active_processing=self.state.active, queue_capacity=s.queue_max_per_model,
             utilization=self.utilization, status=self.level, worker_count=self.worker_count,
-            timestamp=time.time(),
+            timestamp=time.time(), instance=self.instance,
         )
 
     def stats_data(self, _endpoint_stats: Any = None) -> dict[str, Any]:
