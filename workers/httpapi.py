@@ -25,7 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import protocol as p
 from .access import OPEN_PATHS, BearerAuth, exposure
-from .openai_api import error, error_fields, internal_error, read_body, refusal, refusing
+from .httpkit import error, error_fields, internal_error, read_body, refusal, refusing
 from .openai_api import routes as openai_routes
 from .store import read_recent
 from .surface import Serving
