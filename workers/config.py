@@ -57,6 +57,12 @@ class Settings(NatsSettings, BackpressureSettings):
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     default_max_tokens: int = Field(default=128, ge=1)
 
+    # GPU offload: needs a CUDA or Metal build of llama-cpp-python (README); the defaults are the CPU as before
+    n_gpu_layers: int = Field(default=0, ge=-1)  # layers on the GPU; 0: none, -1: all
+    flash_attn: bool = False  # on/off: llama-cpp-python 0.3's Llama takes no "auto"
+    main_gpu: int = Field(default=0, ge=0)  # llama.cpp's main GPU (its default split by layers uses every GPU)
+    tensor_split: str = ""  # comma-separated share of the model per GPU, e.g. 3,1; empty: llama.cpp decides
+
     # HTTP API
     http_queue_limit: int = Field(default=8, ge=0)  # HTTP requests that may wait for a slot; more get 429
     log_prompts_http: bool = False  # show prompts and answers in GET /logs
@@ -114,6 +120,20 @@ class Settings(NatsSettings, BackpressureSettings):
                                  "wildcards, no $ subjects)")
         return v
 
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _flash_attn(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            raise ValueError("llama-cpp-python 0.3 takes on or off, not auto; use on or off")
+        return v
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _tensor_split(cls, v: str) -> str:
+        if v.strip():
+            _split(v)
+        return v
+
     @field_validator("model_format")
     @classmethod
     def _format(cls, v: str) -> str:
@@ -159,6 +179,11 @@ class Settings(NatsSettings, BackpressureSettings):
         return self.embed_max_tokens or 64 * self.ctx_size
 
     @property
+    def gpu_split(self) -> tuple[float, ...]:
+        """TENSOR_SPLIT as numbers; () when unset."""
+        return _split(self.tensor_split) if self.tensor_split.strip() else ()
+
+    @property
     def models_dir(self) -> Path:
         return self.data_dir / "models" / self.model_name
 
@@ -175,6 +200,17 @@ class Settings(NatsSettings, BackpressureSettings):
     @property
     def http_host_port(self) -> tuple[str, int] | None:
         return parse_addr(self.http_addr, "HTTP_ADDR") if self.http_addr else None
+
+
+def _split(text: str) -> tuple[float, ...]:
+    """`3,1` → (3.0, 1.0): one non-negative share per GPU, at least one above zero."""
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError("use comma-separated numbers, one share per GPU, e.g. 3,1") from None
+    if not all(0 <= x < float("inf") for x in shares) or not any(shares):
+        raise ValueError("shares must be finite, not negative, and one above zero, e.g. 3,1")
+    return shares
 
 
 def env_file_for(name: str) -> Path:

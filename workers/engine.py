@@ -59,7 +59,8 @@ class Engine:
 
     def __init__(self, path: Path, *, embedding: bool, concurrency: int, ctx_size: int, threads: int,
                  pooling: str = "mean", default_max_tokens: int = 128, normalize: bool = False,
-                 embed_max_tokens: int = 0) -> None:
+                 embed_max_tokens: int = 0, n_gpu_layers: int = 0, flash_attn: bool = False, main_gpu: int = 0,
+                 tensor_split: tuple[float, ...] = ()) -> None:
         self.path = path
         self.normalize = normalize  # L2-normalise embeddings (sentence-transformers models expect it)
         self.embedding = embedding  # pooled vectors instead of text generation
@@ -69,6 +70,11 @@ class Engine:
         self.pooling = pooling
         self.default_max_tokens = default_max_tokens
         self.embed_max_tokens = embed_max_tokens or 64 * ctx_size  # over all inputs of one request
+        # GPU offload (ignored by a CPU build of llama.cpp); the defaults are llama-cpp-python's, so CPU as before
+        self.n_gpu_layers = n_gpu_layers  # -1: all
+        self.flash_attn = flash_attn
+        self.main_gpu = main_gpu
+        self.tensor_split = tensor_split  # (): not split by us
         self._free: asyncio.Queue[Llama] = asyncio.Queue()
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
@@ -79,7 +85,8 @@ class Engine:
 
         kwargs: dict[str, Any] = dict(
             model_path=str(self.path), n_ctx=self.ctx_size, n_threads=self.threads,
-            n_threads_batch=self.threads, verbose=False,
+            n_threads_batch=self.threads, verbose=False, n_gpu_layers=self.n_gpu_layers,
+            flash_attn=self.flash_attn, main_gpu=self.main_gpu, tensor_split=list(self.tensor_split) or None,
         )
         if self.embedding:
             kwargs.update(embedding=True, pooling_type=POOLING[self.pooling], n_batch=self.ctx_size,

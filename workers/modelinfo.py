@@ -3,7 +3,7 @@ capabilities"), never guessed from its name."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from .protocol import KINDS, Kind
 
@@ -37,9 +37,33 @@ def _int(md: dict[str, Any], key: str) -> int | None:
         return None
 
 
-def model_info(md: dict[str, Any], *, n_params: int | None = None, context_size: int | None = None
-               ) -> dict[str, Any]:
-    """The `model_info` block of health: architecture, size, context, quantization, family, modalities."""
+class Offload(Protocol):
+    """The GPU settings a model was loaded with (workers.engine.Engine)."""
+
+    n_gpu_layers: int
+    flash_attn: bool
+    main_gpu: int
+    tensor_split: tuple[float, ...]
+
+
+def offload_info(offload: Offload) -> dict[str, Any]:
+    """The `offload` entry of model_info: the GPU settings llama.cpp got, and whether this build of it can
+    offload at all (a CPU build ignores them)."""
+    import llama_cpp
+
+    return {
+        "gpu_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+        "n_gpu_layers": offload.n_gpu_layers,
+        "flash_attn": offload.flash_attn,
+        "main_gpu": offload.main_gpu,
+        "tensor_split": list(offload.tensor_split),
+    }
+
+
+def model_info(md: dict[str, Any], *, n_params: int | None = None, context_size: int | None = None,
+               offload: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `model_info` block of health: architecture, size, context, quantization, family, modalities, and
+    (`offload`) the GPU settings."""
     arch = str(md.get("general.architecture", "unknown"))
     ftype = _int(md, "general.file_type")
     params = human_count(n_params) if n_params else md.get("general.size_label")
@@ -54,6 +78,7 @@ def model_info(md: dict[str, Any], *, n_params: int | None = None, context_size:
         "model_family": str(md.get("general.basename") or arch),
         "pooling": POOLING_TYPES.get(_int(md, f"{arch}.pooling_type") or -1, "unspecified"),
         "modalities": ["text"],
+        **({"offload": offload} if offload is not None else {}),
     }
 
 

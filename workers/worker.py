@@ -26,7 +26,7 @@ from .healing import StreamGuard
 from .httpapi import Server, build_app, server
 from .metrics import Metrics
 from .modelfile import ModelNotFound, resolve
-from .modelinfo import capabilities, model_info
+from .modelinfo import capabilities, model_info, offload_info
 from .outcome import Ledger
 from .queue import DeadLetters, Ingress, Replier, ensure_consumer, ensure_stream
 from .runner import Runner
@@ -175,7 +175,8 @@ class Worker:
             engine = Engine(path, embedding=not spec.generates, concurrency=s.worker_concurrency,
                             ctx_size=s.ctx_size, threads=s.model_threads, pooling=s.pooling,
                             default_max_tokens=s.default_max_tokens, normalize=s.embed_normalize,
-                            embed_max_tokens=s.embed_token_cap)
+                            embed_max_tokens=s.embed_token_cap, n_gpu_layers=s.n_gpu_layers,
+                            flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.gpu_split)
             log.info("%s: loading %s (%d context(s), ctx %d) …", s.model_name, path.name, s.worker_concurrency,
                      s.ctx_size)
             await engine.load()
@@ -199,7 +200,8 @@ class Worker:
             grammars = GrammarStore(s.data_dir / "grammars", engine.check_grammar, limits=s.limits)
         card = ModelCard(
             capabilities=capabilities(engine.metadata, kind=s.model_kind, grammars=grammars is not None),
-            model_info=model_info(engine.metadata, n_params=engine.n_params, context_size=s.ctx_size),
+            model_info=model_info(engine.metadata, n_params=engine.n_params, context_size=s.ctx_size,
+                                  offload=offload_info(engine)),
         )
         runner = Runner(model_name=s.model_name, worker_id=s.worker_id, engine=engine, fmt=fmt, grammars=grammars)
         return Loaded(engine, runner, grammars, card)
