@@ -10,9 +10,9 @@ import pytest
 
 from workers import protocol as p
 from workers.config import ROOT
-from workers.engine import Expired
 from workers.formats.harmony import Harmony
 from workers.formats.template import Template
+from workers.generation import Expired
 from workers.runner import Runner
 
 from .unit_support import ScriptedEngine

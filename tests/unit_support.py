@@ -20,7 +20,7 @@ import pytest_asyncio
 from nats.js import JetStreamContext
 
 from workers.config import Settings
-from workers.engine import Completion, Embeddings
+from workers.generation import Completion, Embeddings
 from workers.metrics import Metrics
 from workers.outcome import Ledger
 from workers.protocol import Params

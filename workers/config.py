@@ -55,6 +55,9 @@ class Settings(NatsSettings, BackpressureSettings):
     ctx_size: int = Field(default=2048, ge=64)
     model_threads: int = Field(default=0, ge=0)  # 0: cores / concurrency
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    # contexts: WORKER_CONCURRENCY llama.cpp contexts, one request each; batched: one context decoding up to
+    # WORKER_CONCURRENCY requests together (continuous batching, workers/batching.py)
+    engine: Literal["contexts", "batched"] = "contexts"
     default_max_tokens: int = Field(default=128, ge=1)
 
     # GPU offload: needs a CUDA or Metal build of llama-cpp-python (README); the defaults are the CPU as before
@@ -145,8 +148,9 @@ class Settings(NatsSettings, BackpressureSettings):
     def _derived(self) -> Settings:
         if not self.worker_id:
             self.worker_id = f"{self.model_name}-{socket.gethostname()}-{os.getpid()}"
-        if self.model_threads == 0:
-            self.model_threads = max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+        if self.model_threads == 0:  # the cores, shared by the contexts (one batched context uses them all)
+            share = 1 if self.engine == "batched" else self.worker_concurrency
+            self.model_threads = max(1, (os.cpu_count() or 1) // share)
         return self
 
     @model_validator(mode="after")

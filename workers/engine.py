@@ -15,43 +15,21 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .generation import Completion, Embeddings, Expired
 from .protocol import BadRequest, FinishReason, Params, now_ms
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
+    from .batching import Scheduler
+
 _GRAMMAR_LOCK = threading.Lock()
 _GRAMMAR_LOG = re.compile(r"^.*grammar", re.MULTILINE)  # where llama.cpp's message (and the source) starts
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 EMBED_BATCH_TOKENS = 64
-
-
-class Expired(Exception):
-    """The caller's deadline passed while waiting for a context or running; `done`: tokens generated (a
-    completion) or inputs embedded (embeddings) when it stopped."""
-
-    def __init__(self, done: int) -> None:
-        super().__init__(f"deadline passed after {done}")
-        self.done = done
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens_in: int
-    tokens_out: int
-    finish_reason: FinishReason
-    ttft_ms: float | None
-
-
-@dataclass
-class Embeddings:
-    vectors: list[list[float]]
-    tokens: int
 
 
 class Engine:
@@ -60,7 +38,7 @@ class Engine:
     def __init__(self, path: Path, *, embedding: bool, concurrency: int, ctx_size: int, threads: int,
                  pooling: str = "mean", default_max_tokens: int = 128, normalize: bool = False,
                  embed_max_tokens: int = 0, n_gpu_layers: int = 0, flash_attn: bool = False, main_gpu: int = 0,
-                 tensor_split: tuple[float, ...] = ()) -> None:
+                 tensor_split: tuple[float, ...] = (), batched: bool = False) -> None:
         self.path = path
         self.normalize = normalize  # L2-normalise embeddings (sentence-transformers models expect it)
         self.embedding = embedding  # pooled vectors instead of text generation
@@ -75,6 +53,10 @@ class Engine:
         self.flash_attn = flash_attn
         self.main_gpu = main_gpu
         self.tensor_split = tensor_split  # (): not split by us
+        # ENGINE=batched: generations go to one Scheduler (workers/batching.py) decoding `concurrency` sequences
+        # together; the pool keeps one context for what is not a generation (model facts, grammar checks)
+        self.batched = batched and not embedding
+        self._scheduler: Scheduler | None = None
         self._free: asyncio.Queue[Llama] = asyncio.Queue()
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
@@ -96,12 +78,19 @@ class Engine:
     async def load(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Create every context (blocking work in a thread)."""
         t0 = time.perf_counter()
-        for i in range(self.concurrency):
+        contexts = 1 if self.batched else self.concurrency
+        for i in range(contexts):
             llm = await asyncio.to_thread(self._new_context)
             self._contexts.append(llm)
             self._free.put_nowait(llm)
             if on_progress:
-                on_progress(i + 1, self.concurrency)
+                on_progress(i + 1, contexts)
+        if self.batched:
+            from .batching import Scheduler
+
+            self._scheduler = Scheduler(self.path, slots=self.concurrency, ctx_size=self.ctx_size,
+                                        threads=self.threads, default_max_tokens=self.default_max_tokens)
+            await self._scheduler.load()
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -156,12 +145,19 @@ class Engine:
     def abort(self) -> None:
         """Stop every running generation within a token (used when a drain runs out of time)."""
         self._abort.set()
+        if self._scheduler is not None:
+            self._scheduler.abort()
 
     @property
     def busy(self) -> int:
+        if self._scheduler is not None:
+            return self._scheduler.busy
         return len(self._contexts) - self._free.qsize()
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
         for llm in self._contexts:
             llm.close()
         self._contexts.clear()
@@ -173,6 +169,9 @@ class Engine:
         `on_delta` gets text pieces as they are produced (called from the generation thread); setting
         `cancel` stops within a token with finish_reason `cancelled`. Past `deadline_ms` (epoch ms) it stops
         within a token and raises Expired."""
+        if self._scheduler is not None:
+            return await self._scheduler.complete(prompt, params, stop=stop, grammar=grammar, on_delta=on_delta,
+                                                  cancel=cancel, deadline_ms=deadline_ms)
         llm = await self._borrow(deadline_ms)
         try:
             return await asyncio.to_thread(self._complete, llm, prompt, params, stop, grammar, on_delta, cancel,

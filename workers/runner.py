@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from . import protocol as p
-from .engine import Engine, Expired
+from .engine import Engine
 from .formats import PromptFormat, format_prompt
+from .generation import Expired
 from .grammars import GrammarStore
 from .outcome import RunFacts
 

@@ -176,9 +176,11 @@ class Worker:
                             ctx_size=s.ctx_size, threads=s.model_threads, pooling=s.pooling,
                             default_max_tokens=s.default_max_tokens, normalize=s.embed_normalize,
                             embed_max_tokens=s.embed_token_cap, n_gpu_layers=s.n_gpu_layers,
-                            flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.gpu_split)
-            log.info("%s: loading %s (%d context(s), ctx %d) …", s.model_name, path.name, s.worker_concurrency,
-                     s.ctx_size)
+                            flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.gpu_split,
+                            batched=s.engine == "batched")
+            how = (f"1 context batching {s.worker_concurrency} sequences" if engine.batched
+                   else f"{s.worker_concurrency} context(s)")
+            log.info("%s: loading %s (%s, ctx %d) …", s.model_name, path.name, how, s.ctx_size)
             await engine.load()
         except ModelNotFound as e:
             self.store.event("model.failed", str(e), level="error")

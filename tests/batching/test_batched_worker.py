@@ -1,0 +1,57 @@
+"""A worker with ENGINE=batched over real NATS: one llama.cpp context decodes the model's requests together, and
+the request path (queue, streaming, cancel, deadline, the log) is the same as with one context per request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import pytest
+
+from tests.conftest import ask
+
+pytestmark = pytest.mark.model
+GEMMA = "inference.request.gemma3-270m"
+# Prompts whose greedy continuation has no near-ties (tests/batching/test_scheduler.py says why that matters).
+PROMPTS = ["Count: 1, 2, 3, 4, 5,", "The alphabet: a, b, c, d, e,", "Days: Monday, Tuesday, Wednesday,",
+           "Count: 10, 20, 30, 40,"]
+
+
+def body(prompt: str, **params: object) -> dict[str, object]:
+    return {"input": prompt, "raw": True, "params": {"max_tokens": 24, "temperature": 0, **params}}
+
+
+async def test_concurrent_requests_share_one_context_and_match_answers_given_alone(start_worker, nc):
+    w = await start_worker(ENGINE="batched", WORKER_CONCURRENCY=4)
+    alone = [await ask(nc, GEMMA, body(p)) for p in PROMPTS]
+    together = await asyncio.gather(*(ask(nc, GEMMA, body(p)) for p in PROMPTS))
+    assert [a["text"] for a in together] == [a["text"] for a in alone]
+    assert all(a["tokens_out"] == 24 and a["finish_reason"] == "length" for a in together)
+    health = json.loads((await nc.request("models.gemma3-270m.health", b"", timeout=5)).data)
+    assert health["status"] == "online"
+    w.terminate()
+    assert "1 context batching 4 sequences" in w.output()
+    rows = sqlite3.connect(w.db).execute("SELECT count(*) FROM requests WHERE status = 'ok'").fetchone()
+    assert rows[0] == 8
+
+
+async def test_streaming_cancel_and_deadline_work_per_sequence(start_worker, nc):
+    await start_worker(ENGINE="batched", WORKER_CONCURRENCY=4)
+    inbox = nc.new_inbox()
+    chunks = await nc.subscribe(inbox)
+    streamed = {**body(PROMPTS[0], max_tokens=200), "req_id": "b-stream", "stream": True}
+    await nc.publish(GEMMA, json.dumps(streamed).encode(), reply=inbox)
+    others = [asyncio.create_task(ask(nc, GEMMA, {**body(p, max_tokens=48), "req_id": f"b-{i}"}))
+              for i, p in enumerate(PROMPTS[1:])]
+    first = json.loads((await chunks.next_msg(timeout=60)).data)
+    assert first["req_id"] == "b-stream" and "delta" in first
+    ack = json.loads((await nc.request("inference.cancel.gemma3-270m", b'{"req_id": "b-stream"}', timeout=5)).data)
+    assert ack["cancelled"] is True
+    while "delta" in (last := json.loads((await chunks.next_msg(timeout=60)).data)):
+        pass
+    assert last["finish_reason"] == "cancelled" and last["tokens_out"] < 200
+    done = await asyncio.gather(*others)
+    assert all(d["tokens_out"] == 48 for d in done)  # the cancel ended only its own sequence
+    late = await ask(nc, GEMMA, {**body(PROMPTS[0], max_tokens=2000), "timeout_ms": 1500}, timeout=30)
+    assert late["error"]["code"] == 504 and late["error"]["type"] == "expired"
