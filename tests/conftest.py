@@ -55,16 +55,20 @@ class NatsServer:
         self.start()
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    # max_payload 8 MB so an oversized request reaches the worker (and gets our 413) instead of
-    # being refused by the client library.
+def serve_nats(tmp_path: Path, more_conf: str = "") -> Iterator[NatsServer]:
+    """A nats-server for one test. max_payload 8 MB so an oversized request reaches the worker (and gets our
+    413) instead of being refused by the client library; `more_conf`: lines added to its config."""
     conf = tmp_path / "nats.conf"
-    conf.write_text("max_payload: 8388608\n")
+    conf.write_text("max_payload: 8388608\n" + more_conf)
     server = NatsServer(broker.free_port(), tmp_path / "jetstream", ["-c", str(conf)])
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    yield from serve_nats(tmp_path)
 
 
 @dataclass

@@ -13,8 +13,7 @@ import time
 import nats
 import pytest
 
-from tests.conftest import NatsServer, ask
-from workers.ops import broker
+from tests.conftest import ask, serve_nats
 
 from .payloads import DEEP_GRAMMAR
 
@@ -88,12 +87,7 @@ def nats_server(tmp_path):
     deploy/nats/server.conf has): by default nats-server flushes its file store a moment later, so a kill -9 can
     lose a request it just acknowledged, an ack or an answer claim (seen here: a caller left silent and another
     answered twice, 1 round in 12)."""
-    conf = tmp_path / "nats.conf"
-    conf.write_text("max_payload: 8388608\njetstream { sync_interval: always }\n")
-    server = NatsServer(broker.free_port(), tmp_path / "jetstream", ["-c", str(conf)])
-    server.start()
-    yield server
-    server.stop()
+    yield from serve_nats(tmp_path, "jetstream { sync_interval: always }\n")
 
 
 async def test_kill_9_of_the_broker_under_load_leaves_no_caller_without_exactly_one_reply(
