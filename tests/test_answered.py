@@ -3,11 +3,17 @@ bucket follows the never-lower rule of the queue's stream."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import nats
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
 
 from workers import protocol as p
 from workers.answered import BUCKET, Answered, ensure_answered
+from workers.config import Settings
 from workers.streams import ensure_consumer, ensure_stream, stored_us
 
 from .unit_support import unit_settings
@@ -21,7 +27,9 @@ class Events:
         self.seen.append((code, msg))
 
 
-async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answered_again(nats_server, tmp_path):
+async def queued(nats_server: Any, tmp_path: Path, n: int) -> tuple[Settings, Settings, nats.NATS, KeyValue, list[Msg]]:
+    """Workers a and b of one model, the claims bucket (as a fresh one: nothing left as it was), and `n` queued
+    messages fetched once."""
     a = unit_settings(nats_server.url, tmp_path, worker_id="a")
     b = unit_settings(nats_server.url, tmp_path, worker_id="b")
     nc = await nats.connect(nats_server.url)
@@ -30,10 +38,14 @@ async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answere
     durable = await ensure_consumer(js, a)
     kv, kept = await ensure_answered(js, a)
     assert kept == []
-    for i in range(2):
+    for i in range(n):
         await js.publish(p.queue_subject("inference", "unit.model"), f'{{"input": "{i}"}}'.encode())
     psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
-    first, second = await psub.fetch(2, timeout=5)
+    return a, b, nc, kv, await psub.fetch(n, timeout=5)
+
+
+async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answered_again(nats_server, tmp_path):
+    a, b, nc, kv, (first, second) = await queued(nats_server, tmp_path, 2)
     events = Events()
     assert await Answered(kv, a, events).claim(first) == "mine"
     assert await Answered(kv, b, events).claim(first) == "theirs"  # delivered again to b: b must not answer it
@@ -45,16 +57,7 @@ async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answere
 
 
 async def test_a_claim_by_a_worker_that_is_gone_does_not_swallow_the_answer(nats_server, tmp_path):
-    a = unit_settings(nats_server.url, tmp_path, worker_id="a")
-    b = unit_settings(nats_server.url, tmp_path, worker_id="b")
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_stream(js, a)
-    durable = await ensure_consumer(js, a)
-    kv, _ = await ensure_answered(js, a)
-    await js.publish(p.queue_subject("inference", "unit.model"), b'{"input": "x"}')
-    psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
-    [msg] = await psub.fetch(1, timeout=5)
+    a, b, nc, kv, [msg] = await queued(nats_server, tmp_path, 1)
     events = Events()
     assert await Answered(kv, a, events).claim(msg) == "mine"  # a claims it, then is killed before it replies
     assert await Answered(kv, b, events, live=lambda wid: wid == "a").claim(msg) == "theirs"  # a still heard

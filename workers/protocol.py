@@ -477,12 +477,17 @@ def loads(data: bytes | str) -> Any:
         raise BadRequest("invalid_json", f"body is not valid JSON ({e.msg} at character {e.pos})") from None
     except RecursionError:
         raise BadRequest("invalid_json", f"body nests more than {MAX_JSON_DEPTH} deep") from None
+    if _SURROGATE_ESCAPE.search(data) is None:  # decoded UTF-8 holds none: only a `\udXXX` escape makes one
+        return obj
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest("invalid_input", "the body holds a lone UTF-16 surrogate (such as \\ud800), which is not "
                          "text; send valid Unicode") from None
     return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _too_deep(text: str) -> bool:

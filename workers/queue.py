@@ -142,8 +142,7 @@ class Ingress:
             req = p.parse_request(self.settings.model_kind, msg.data, self.limits)
             req_id = req.req_id or p.new_req_id()
             payload_reply = req.reply_to
-            if msg.reply and not p.is_inbox(msg.reply, self.limits.reply_prefixes):
-                p.check_reply_to(msg.reply, self.limits.reply_prefixes)
+            p.check_reply_to(msg.reply or None, self.limits.reply_prefixes)
             timeout_ms = req.timeout_ms or _int(headers, p.H_TIMEOUT_MS) or self.settings.default_timeout_ms
             deadline = received + timeout_ms
             headers.update({
