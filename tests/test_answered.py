@@ -47,9 +47,13 @@ async def queued(nats_server: Any, tmp_path: Path, n: int) -> tuple[Settings, Se
 async def test_the_first_claim_on_a_message_wins_and_a_redelivery_is_not_answered_again(nats_server, tmp_path):
     a, b, nc, kv, (first, second) = await queued(nats_server, tmp_path, 2)
     events = Events()
-    assert await Answered(kv, a, events).claim(first) == "mine"
+    worker_a = Answered(kv, a, events)
+    assert await worker_a.claim(first) == "mine"
     assert await Answered(kv, b, events).claim(first) == "theirs"  # delivered again to b: b must not answer it
-    assert await Answered(kv, a, events).claim(first) == "theirs"
+    assert not await worker_a.answered_by_other(first)  # a's answer is not confirmed yet: a runs it again
+    worker_a.answer_confirmed(first)
+    assert await worker_a.answered_by_other(first)  # a redelivery after a lost ack is acked unanswered
+    assert await worker_a.claim(first) == "theirs"
     assert await Answered(kv, b, events).claim(second) == "mine"  # another message: its own claim
     assert (await kv.get(f"unit_model.{first.metadata.sequence.stream}.{stored_us(first)}")).value.startswith(b"a ")
     assert events.seen == []
@@ -63,6 +67,22 @@ async def test_a_claim_by_a_worker_that_is_gone_does_not_swallow_the_answer(nats
     assert await Answered(kv, b, events, live=lambda wid: wid == "a").claim(msg) == "theirs"  # a still heard
     assert await Answered(kv, b, events, live=lambda wid: wid == "b").claim(msg) == "taken_over"  # a gone
     assert [code for code, _ in events.seen] == ["request.claim_taken_over"]
+    await nc.close()
+
+
+async def test_an_unconfirmed_answer_is_answered_again_marked_as_a_possible_duplicate(nats_server, tmp_path):
+    """An answer the server never confirmed may or may not have reached the caller: the next attempt answers
+    (nothing lost), as a possible duplicate, whichever worker it reaches; one of two racing attempts wins."""
+    a, b, nc, kv, (first, second) = await queued(nats_server, tmp_path, 2)
+    events = Events()
+    worker_a, worker_b = Answered(kv, a, events), Answered(kv, b, events)
+    assert await worker_a.claim(first) == "mine"
+    await worker_a.release(first)  # its answer was never confirmed
+    assert not await worker_b.answered_by_other(first)
+    assert await worker_b.claim(first) == "taken_over"
+    assert await worker_a.claim(first) == "theirs"  # b holds it now
+    assert await worker_a.claim(second) == "mine"
+    assert await worker_a.claim(second) == "taken_over"  # a's own earlier attempt, its answer unconfirmed
     await nc.close()
 
 

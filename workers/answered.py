@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
 
@@ -40,6 +41,8 @@ __all__ = ["BUCKET", "Answered", "Attempts", "Claim", "ensure_answered"]
 Claim = Literal["mine", "taken_over", "unclaimed", "theirs"]
 
 BUCKET = "FLEET_ANSWERED"
+RELEASED = "released"  # the claim's value after an unconfirmed answer: `<worker_id> released`
+CONFIRMED_KEPT = 10_000  # confirmed answers remembered per process (a redelivery comes within ack_wait)
 # The never-lower rule for the bucket (workers/streams.py): more replicas, and claims kept at least as long as
 # a request may stay queued (a claim that expires first would let a late redelivery be answered again).
 BUCKET_RULES: list[Rule] = [
@@ -79,6 +82,7 @@ class Answered:
                  live: Callable[[str], bool] = lambda _worker_id: True) -> None:
         self.kv, self.settings, self.events = kv, settings, events
         self.live = live  # whether a worker that claimed a message is still heard from (telemetry.is_live)
+        self.confirmed: OrderedDict[str, None] = OrderedDict()  # keys this process's confirmed answers hold
 
     def key(self, msg: Msg) -> str:
         """`<model>.<stream seq>.<stored µs>`: a stream recreated after a deletion numbers from 1 again."""
@@ -95,12 +99,24 @@ class Answered:
                 return "mine"
             except KeyWrongLastSequenceError:
                 try:
-                    claim = (await self.kv.get(key)).value or b""
+                    entry = await self.kv.get(key)
                 except KeyNotFoundError:
                     continue
+                claim = entry.value or b""
                 if claim == mine:  # ours: an earlier try was committed but its answer lost with a dying node
                     return "mine"
-                claimer = claim.decode(errors="replace").partition(" ")[0]
+                claimer, _, state = claim.decode(errors="replace").partition(" ")
+                if state == RELEASED:
+                    # An earlier attempt's answer was never confirmed: it may have reached the caller or not.
+                    # Take the claim over (one winner) and answer, marked as a possible duplicate.
+                    try:
+                        await self.kv.update(key, mine, last=entry.revision)
+                    except KeyWrongLastSequenceError:
+                        continue
+                    return "taken_over"
+                if claimer == self.settings.worker_id:
+                    # This process claimed it on an earlier delivery: answered if that answer was confirmed.
+                    return "theirs" if key in self.confirmed else "taken_over"
                 if self.live(claimer):
                     return "theirs"
                 # The claimer is gone (killed between its claim and its reply, or since): answering again
@@ -115,20 +131,30 @@ class Answered:
                     return "unclaimed"
                 await asyncio.sleep(0.1)
 
+    def answer_confirmed(self, msg: Msg) -> None:
+        """The server has this worker's answer to `msg`: a redelivery of it (an ack lost) is acked unanswered."""
+        self.confirmed[self.key(msg)] = None
+        while len(self.confirmed) > CONFIRMED_KEPT:
+            self.confirmed.popitem(last=False)
+
     async def answered_by_other(self, msg: Msg) -> bool:
-        """Whether a live worker other than this one has claimed `msg` (a redelivery of an answered request:
-        ack it without running it again)."""
+        """Whether `msg` was already answered: claimed by another live worker, or by this one with its answer
+        confirmed (a redelivery after a lost ack: ack it without running it again)."""
+        key = self.key(msg)
+        if key in self.confirmed:
+            return True
         try:
-            claim = (await self.kv.get(self.key(msg))).value or b""
+            claim = (await self.kv.get(key)).value or b""
         except (KeyNotFoundError, TimeoutError, nats.errors.Error, APIError):
             return False
-        claimer = claim.decode(errors="replace").partition(" ")[0]
-        return claimer != self.settings.worker_id and self.live(claimer)
+        claimer, _, state = claim.decode(errors="replace").partition(" ")
+        return state != RELEASED and claimer != self.settings.worker_id and self.live(claimer)
 
     async def release(self, msg: Msg) -> None:
-        """Give up this worker's claim (its answer was not confirmed), so the next attempt answers."""
+        """This worker's answer was not confirmed (it may or may not have reached the caller): mark the claim
+        released, so the next attempt, on any worker, answers again and marks that answer Fleet-Duplicate."""
         with contextlib.suppress(Exception):
-            await self.kv.delete(self.key(msg))
+            await self.kv.put(self.key(msg), f"{self.settings.worker_id} {RELEASED}".encode())
 
 
 class Attempts:

@@ -191,12 +191,15 @@ class Consumer:
                 if claim != "mine":
                     headers[p.H_DUPLICATE] = "true"
                 if not await self._answer(targets, data, headers, finished.intake.req_id):
-                    # Not confirmed (the connection dropped): no ack, no claim, so the next attempt answers.
+                    # Not confirmed (the connection dropped): no ack, the claim released, so the next attempt
+                    # answers (marked Fleet-Duplicate: this answer may have reached the caller all the same).
                     if self.answered is not None:
                         await self.answered.release(msg)
                     await self._give_back(msg, crashes)
                     self.ledger.record(Finished.handed_back(finished.intake))
                     return
+                if self.answered is not None:
+                    self.answered.answer_confirmed(msg)
             await self._ack(msg)
         self.ledger.record(finished)
 

@@ -32,7 +32,7 @@ from nats.js.api import ConsumerConfig, ConsumerInfo, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from . import protocol as p
-from .answered import BUCKET
+from .answered import BUCKET, RELEASED
 from .config import Settings
 from .connection import EventSink
 from .outcome import Finished, Intake
@@ -265,7 +265,8 @@ class StreamGuard:
                 continue
             if (entry.headers or {}).get("KV-Operation") not in (None, "PUT"):
                 continue
-            if running and (entry.data or b"").split()[1:2] != [b"running"]:
+            state = (entry.data or b"").split()[1:2]
+            if (running and state != [b"running"]) or (not running and state == [RELEASED.encode()]):
                 continue
             if old_us <= _int((entry.subject or "").rsplit(".", 1)[-1]) < new_us:
                 return True
