@@ -52,3 +52,23 @@ async def test_retention_drops_old_rows_and_caps_the_count(tmp_path):
         ids = [r[0] for r in db.execute("SELECT req_id FROM requests ORDER BY id")]
         assert "old" not in ids and len(ids) == 100 and ids[-1] == "r149"
         assert db.execute("SELECT code FROM events").fetchall() == [("startup",)]
+
+
+async def test_a_log_written_by_an_older_worker_gets_the_new_columns(tmp_path):
+    """A worker upgraded in place opens the SQLite file its older version wrote: the columns added since
+    (cached_tokens, batch_id) are added, the old rows kept, and new rows carry them."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, req_id TEXT, "
+                "trace_id TEXT, worker_id TEXT, source TEXT, raw_input TEXT, formatted_input TEXT, params_json TEXT, "
+                "grammar TEXT, response_text TEXT, tokens_in INTEGER, tokens_out INTEGER, queue_ms REAL, "
+                "ttft_ms REAL, dur_ms REAL, finish_reason TEXT, deliveries INTEGER, status TEXT, error TEXT)")
+    old.execute("INSERT INTO requests (ts, req_id, status) VALUES (?, 'before', 'ok')", (time.time(),))
+    old.commit()
+    old.close()
+    store = Store(path)
+    await store.open()
+    store.request(ts=time.time(), req_id="after", status="ok", cached_tokens=12, batch_id=3)
+    await store.close()
+    rows = sqlite3.connect(path).execute("SELECT req_id, cached_tokens, batch_id FROM requests ORDER BY id").fetchall()
+    assert rows == [("before", None, None), ("after", 12, 3)]

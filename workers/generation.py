@@ -24,9 +24,11 @@ class Completion:
     tokens_out: int
     finish_reason: FinishReason
     ttft_ms: float | None
+    cached_tokens: int | None = None  # prompt tokens reused from the KV cache (the batched engine only)
 
 
 @dataclass
 class Embeddings:
     vectors: list[list[float]]
     tokens: int
+    batch_id: int | None = None  # the decode call that served them, when requests are embedded together

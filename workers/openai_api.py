@@ -220,9 +220,12 @@ def routes(worker: Serving) -> list[Route]:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def usage(out: p.InferenceResponse) -> dict[str, int]:
-        return {"prompt_tokens": out.tokens_in, "completion_tokens": out.tokens_out,
-                "total_tokens": out.tokens_in + out.tokens_out}
+    def usage(out: p.InferenceResponse) -> dict[str, Any]:
+        counts: dict[str, Any] = {"prompt_tokens": out.tokens_in, "completion_tokens": out.tokens_out,
+                                  "total_tokens": out.tokens_in + out.tokens_out}
+        if out.cached_tokens is not None:  # as OpenAI reports prompt caching
+            counts["prompt_tokens_details"] = {"cached_tokens": out.cached_tokens}
+        return counts
 
     @handler
     async def completions(request: Request) -> Response:

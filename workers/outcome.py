@@ -47,6 +47,8 @@ class RunFacts:
     ttft_ms: float | None = None
     dur_ms: float = 0.0
     finish_reason: p.FinishReason = "stop"
+    cached_tokens: int | None = None  # prompt tokens taken from the KV cache instead of computed (batched engine)
+    batch_id: int | None = None  # embeddings: the decode call that served it (requests embedded together share it)
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,7 @@ class InferenceResponse(_Message):
     text: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
+    cached_tokens: int | None = None  # of tokens_in, taken from the KV cache (prefix reuse)
     finish_reason: FinishReason = "stop"
     duration_ms: float = 0.0
     queue_ms: float = 0.0

@@ -96,7 +96,7 @@ class Runner:
             model=req.model or self.model_name, usage=p.Usage(prompt_tokens=emb.tokens, total_tokens=emb.tokens),
             req_id=req_id, duration_ms=round(dur, 2), queue_ms=queue_ms, worker_id=self.worker_id,
         )
-        facts = RunFacts(tokens_in=emb.tokens, dur_ms=dur, finish_reason="stop",
+        facts = RunFacts(tokens_in=emb.tokens, dur_ms=dur, finish_reason="stop", batch_id=emb.batch_id,
                          response_text=f"{len(emb.vectors)} vector(s) of {len(emb.vectors[0])}")
         return Execution(body, facts)
 
@@ -122,14 +122,15 @@ class Runner:
         dur = (time.perf_counter() - t0) * 1000
         body = p.InferenceResponse(
             req_id=req_id, model=self.model_name, text=text, tokens_in=out.tokens_in, tokens_out=out.tokens_out,
-            finish_reason=out.finish_reason, duration_ms=round(dur, 2), queue_ms=queue_ms, worker_id=self.worker_id,
+            cached_tokens=out.cached_tokens, finish_reason=out.finish_reason, duration_ms=round(dur, 2),
+            queue_ms=queue_ms, worker_id=self.worker_id,
             reasoning=reasoning,
         )
         facts = RunFacts(
             formatted_input=prompt, params_json=req.params.model_dump_json(exclude_none=True),
             grammar=req.params.grammar, response_text=text if reasoning is None else f"{text}\n[reasoning] {reasoning}",
             tokens_in=out.tokens_in, tokens_out=out.tokens_out, ttft_ms=out.ttft_ms, dur_ms=dur,
-            finish_reason=out.finish_reason,
+            finish_reason=out.finish_reason, cached_tokens=out.cached_tokens,
         )
         return Execution(body, facts)
 

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS requests (
     ts REAL NOT NULL, req_id TEXT, trace_id TEXT, worker_id TEXT, source TEXT,
     raw_input TEXT, formatted_input TEXT, params_json TEXT, grammar TEXT, response_text TEXT,
     tokens_in INTEGER, tokens_out INTEGER, queue_ms REAL, ttft_ms REAL, dur_ms REAL,
-    finish_reason TEXT, deliveries INTEGER, status TEXT, error TEXT
+    finish_reason TEXT, deliveries INTEGER, status TEXT, error TEXT,
+    cached_tokens INTEGER, batch_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
 CREATE INDEX IF NOT EXISTS requests_req_id ON requests(req_id);
@@ -39,8 +40,10 @@ CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
 REQUEST_COLUMNS = (
     "ts", "req_id", "trace_id", "worker_id", "source", "raw_input", "formatted_input", "params_json", "grammar",
     "response_text", "tokens_in", "tokens_out", "queue_ms", "ttft_ms", "dur_ms", "finish_reason", "deliveries",
-    "status", "error",
+    "status", "error", "cached_tokens", "batch_id",
 )
+# Columns added after the first version: a log file made by an older worker gets them when opened.
+ADDED_COLUMNS = {"cached_tokens": "INTEGER", "batch_id": "INTEGER"}
 _INSERT_REQUEST = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) VALUES ({', '.join('?' * len(REQUEST_COLUMNS))})"
 )
@@ -88,6 +91,11 @@ class Store:
         await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.execute("PRAGMA synchronous=NORMAL")
         await self._db.executescript(SCHEMA)
+        async with self._db.execute("PRAGMA table_info(requests)") as cur:
+            have = {row[1] for row in await cur.fetchall()}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                await self._db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
         await self._db.commit()
         await self.prune()
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
