@@ -58,6 +58,12 @@ class Settings(NatsSettings, BackpressureSettings):
     # contexts: WORKER_CONCURRENCY llama.cpp contexts, one request each; batched: one context decoding up to
     # WORKER_CONCURRENCY requests together (continuous batching, workers/batching.py)
     engine: Literal["contexts", "batched"] = "contexts"
+    # batched: tokens the one KV cache holds for all sequences together; 0: CTX_SIZE × WORKER_CONCURRENCY (every
+    # sequence can always use its whole context). Smaller saves memory: a request waits for room instead.
+    kv_cache_tokens: int = Field(default=0, ge=0)
+    # embedding workers: up to this many queued requests are embedded together in one llama.cpp call (one
+    # sequence per text); the worker takes that many from the queue at once. 1: one request at a time.
+    embed_batch_max: int = Field(default=16, ge=1, le=256)
     default_max_tokens: int = Field(default=128, ge=1)
 
     # GPU offload: needs a CUDA or Metal build of llama-cpp-python (README); the defaults are the CPU as before
