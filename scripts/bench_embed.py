@@ -1,7 +1,7 @@
 """Benchmark: the minilm-l6-v2 embedding worker over NATS against direct llama-cpp-python, in the same run.
 
 Part 1 (how to batch, direct llama-cpp-python): short texts embedded one per `Llama.embed` call, or
-grouped into calls of up to 32 / 64 / 128 / 256 / 512 tokens (what `Engine._embed` does with
+grouped into calls of up to 32 / 64 / 128 / 256 / 512 tokens (what workers/embed_batch.py does with
 `EMBED_BATCH_TOKENS`), with 1 and 2 threads. Configurations take turns over several rounds so drift in
 the machine's load does not favour one of them; the best round of each is printed.
 
@@ -132,8 +132,9 @@ async def fleet_vs_direct(model: Path, n: int) -> None:
             d += await run(direct, batches[half:], conc)
             rows.append((label, n / d, n / f))
     engine.close()
-    print(f"\nPart 2: {n} texts, {NAME} worker ({settings.worker_concurrency} context(s) × "
-          f"{settings.model_threads} thread(s), EMBED_NORMALIZE={int(settings.embed_normalize)}) "
+    print(f"\nPart 2: {n} texts, {NAME} worker (1 context grouping up to {settings.embed_batch_max} requests, "
+          f"{settings.model_threads} thread(s) × {settings.worker_concurrency}, "
+          f"EMBED_NORMALIZE={int(settings.embed_normalize)}) "
           "vs its Engine called directly")
     print(f"{'mode':<30}{'direct texts/s':>16}{'fleet texts/s':>15}{'fleet/direct':>14}")
     for label, d_rate, f_rate in rows:

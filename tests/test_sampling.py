@@ -1,4 +1,5 @@
-"""Every sampling parameter reaches llama.cpp and changes what comes back."""
+"""Every sampling parameter reaches llama.cpp and changes what comes back, on both engines (one context per
+request, and the batching scheduler's native sampler chains)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ SUBJECT = "inference.request.gemma3-270m"
 STORY = "Write a short story about a lighthouse keeper."
 
 
-@pytest_asyncio.fixture
-async def gen(start_worker, nc):
-    await start_worker()
+@pytest_asyncio.fixture(params=["contexts", "batched"])
+async def gen(request, start_worker, nc):
+    await start_worker(ENGINE=request.param)
 
     async def run(input: str = STORY, raw: bool = False, **params):
         return await ask(nc, SUBJECT, {"input": input, "raw": raw, "params": params})
@@ -79,3 +80,15 @@ async def test_raw_bypasses_the_template(start_worker, nc):
         rows = dict(db.execute("SELECT req_id, formatted_input FROM requests").fetchall())
     assert rows["tpl"] == "<start_of_turn>user\nHello there<end_of_turn>\n<start_of_turn>model\n"
     assert rows["raw"] == "Hello there"
+
+
+async def test_logit_bias_min_p_and_frequency_presence_penalties(gen):
+    plain = await gen(max_tokens=12, temperature=0)
+    forced = await gen(max_tokens=4, temperature=0, logit_bias={"10": 100})  # OpenAI sends token ids as strings
+    assert forced["tokens_out"] == 4 and forced["text"] != plain["text"]
+    bad = await gen(max_tokens=4, logit_bias={"99999999": 1})
+    assert bad["error"]["code"] == 400 and "logit_bias names token 99999999" in bad["error"]["message"]
+    penalised = await gen(max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised["text"] != plain["text"]
+    top_only = await gen(max_tokens=12, temperature=1.0, seed=5, min_p=1.0)
+    assert top_only["text"] == plain["text"]  # min_p 1 keeps only the most likely token: greedy

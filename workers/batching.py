@@ -5,7 +5,13 @@ sequence plus prompt chunks of newly admitted ones (at most `prefill_chunk` prom
 prompt does not stall the others), calls `llama_decode` once, and samples each sequence that produced logits
 with its own native sampler chain. The weights are read once per step for all sequences, which is where the
 throughput of several requests comes from on a CPU. A sequence that ends (end of generation, max_tokens, a stop
-string, cancel, deadline) leaves the KV cache in the same step and its slot takes the next waiting request.
+string, cancel, deadline) frees its slot in the same step and the slot takes the next waiting request.
+
+The KV cache is shared by all sequences (`kv_tokens` cells, by default `ctx_size × slots`). A request is admitted
+when a slot is free and the cache has room for its prompt plus max_tokens beside what running requests reserved;
+otherwise it waits. A finished sequence's cells stay in the cache until the room is needed: a new prompt that
+starts with tokens held by any sequence (a shared system prompt, a chat turn extending the last one) takes that
+prefix by `llama_memory_seq_cp` (or by trimming its own slot) and computes only the rest (prefix reuse).
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from typing import Any
 
 from . import sampling
 from .generation import Completion, Expired
-from .protocol import BadRequest, FinishReason, Params, now_ms
+from .protocol import BadRequest, FinishReason, Params, SlotUsage, now_ms
 from .sequence import Sequence, TextStream
 
 _CLOSE = object()
+PREFIX_MIN = 16  # shorter shared starts (a chat template's first tokens) are not worth reporting as reuse
 
 
 class Scheduler:
@@ -32,17 +39,21 @@ class Scheduler:
     from a thread); `await complete(...)` from any event loop; `close()` at the end."""
 
     def __init__(self, path: Path, *, slots: int, ctx_size: int, threads: int, default_max_tokens: int = 128,
-                 n_batch: int = 512, prefill_chunk: int = 256) -> None:
+                 n_batch: int = 512, prefill_chunk: int = 256, kv_tokens: int = 0, reuse: bool = True,
+                 model: Any = None) -> None:
         self.path = path
+        self._own_model = model is None  # else a loaded llama_model (the Engine's): shared weights, not freed here
         self.slots = slots
         self.ctx_size = ctx_size  # per sequence: a prompt plus its answer fit in it, as with the Engine
+        self.kv_tokens = kv_tokens or ctx_size * slots  # the shared cache, all sequences together
+        self.reuse = reuse  # keep finished sequences' cells for prefix reuse
         self.threads = threads
         self.default_max_tokens = default_max_tokens
         self.n_batch = max(n_batch, prefill_chunk + slots)
         self.prefill_chunk = prefill_chunk
         self.load_seconds = 0.0
         self.steps = 0  # llama_decode calls so far
-        self._model: Any = None
+        self._model: Any = model
         self._ctx: Any = None
         self._vocab: Any = None
         self._mem: Any = None
@@ -53,6 +64,9 @@ class Scheduler:
         self._active: dict[int, Sequence] = {}  # seq_id -> sequence; loop thread only
         self._waiting: deque[Sequence] = deque()  # loop thread only
         self._free_ids: list[int] = list(range(slots))
+        self._cells: list[list[int]] = [[] for _ in range(slots)]  # tokens in the cache per seq_id, by position
+        self._used_at: list[float] = [0.0] * slots  # when each seq_id last finished (the oldest kept goes first)
+        self._n_swa = 0  # the model's sliding attention window (0: none)
         self._abort = threading.Event()
 
     # --- life cycle ---------------------------------------------------------
@@ -68,12 +82,13 @@ class Scheduler:
         t0 = time.perf_counter()
         set_verbose(False)
         ll.llama_backend_init()
-        mparams = ll.llama_model_default_params()
-        model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load {self.path}; check that it is a GGUF file")
+        model = self._model
+        if self._own_model:
+            model = ll.llama_model_load_from_file(str(self.path).encode(), ll.llama_model_default_params())
+            if not model:
+                raise RuntimeError(f"llama.cpp could not load {self.path}; check that it is a GGUF file")
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = self.ctx_size * self.slots
+        cparams.n_ctx = self.kv_tokens
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = self.slots
@@ -82,13 +97,15 @@ class Scheduler:
         cparams.kv_unified = True  # one cache shared by all sequences: a short answer leaves room to others
         ctx = ll.llama_init_from_model(model, cparams)
         if not ctx:
-            ll.llama_model_free(model)
+            if self._own_model:
+                ll.llama_model_free(model)
             raise RuntimeError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {self.slots} "
                                "sequences; lower CTX_SIZE or the slot count")
         self._model, self._ctx = model, ctx
         self._vocab = ll.llama_model_get_vocab(model)
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._mem = ll.llama_get_memory(ctx)
+        self._n_swa = max(0, ll.llama_model_n_swa(model))
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self._thread = threading.Thread(target=self._run, name="batch-decode", daemon=True)
         self._thread.start()
@@ -108,9 +125,9 @@ class Scheduler:
         if self._ctx:
             ll.llama_free(self._ctx)
             self._ctx = None
-        if self._model:
+        if self._model and self._own_model:
             ll.llama_model_free(self._model)
-            self._model = None
+        self._model = None
 
     def abort(self) -> None:
         """End every running and waiting request within a step as cancelled (a drain that ran out of time)."""
@@ -120,6 +137,13 @@ class Scheduler:
     @property
     def busy(self) -> int:
         return self.slots - len(self._free_ids)
+
+    def usage(self) -> SlotUsage:
+        """Slots and KV cache right now (read from any thread: a snapshot, not a lock)."""
+        active = list(self._active.values())
+        kept = sum(len(self._cells[i]) for i in list(self._free_ids))
+        return SlotUsage(slots=self.slots, busy=len(active), waiting=len(self._waiting) + self._inbox.qsize(),
+                         kv_tokens=self.kv_tokens, kv_reserved=sum(s.need for s in active), kv_kept=kept)
 
     # --- requests -----------------------------------------------------------
 
@@ -155,12 +179,18 @@ class Scheduler:
             raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens and max_tokens "
                              f"{params.max_tokens}: together more than the context's {self.ctx_size} (CTX_SIZE); "
                              f"ask for at most {room} tokens or shorten the input")
+        max_tokens = params.max_tokens or min(self.default_max_tokens, room)
+        if len(tokens) + max_tokens > self.kv_tokens:
+            raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens and max_tokens {max_tokens}: "
+                             f"together more than the KV cache's {self.kv_tokens} (KV_CACHE_TOKENS); ask for at "
+                             f"most {self.kv_tokens - len(tokens)} tokens or raise KV_CACHE_TOKENS")
         if deadline_ms is not None and now_ms() >= deadline_ms:
             raise Expired(0)
         # A grammar compiles off the event loop and off the decode thread (it can take milliseconds).
         chain = await asyncio.to_thread(sampling.build_chain, self._vocab, self._n_vocab, params, grammar)
         loop = asyncio.get_running_loop()
-        seq = Sequence(tokens=tokens, chain=chain, max_tokens=params.max_tokens or min(self.default_max_tokens, room),
+        seq = Sequence(tokens=tokens, chain=chain, max_tokens=max_tokens, exact=params.seed is not None and
+                       params.temperature != 0,
                        stream=TextStream((*(params.stop or []), *stop)), future=loop.create_future(), loop=loop,
                        on_delta=on_delta, cancel=cancel or threading.Event(), deadline_ms=deadline_ms)
         self._inbox.put(seq)
@@ -215,11 +245,8 @@ class Scheduler:
             elif seq.deadline_ms is not None and now >= seq.deadline_ms:
                 self._finish(seq, Expired(seq.tokens_out))
         self._abort.clear()
-        while self._waiting and self._free_ids:
-            seq = self._waiting.popleft()
-            seq.seq_id = self._free_ids.pop()
-            seq.t0 = time.perf_counter()  # TTFT from admission, as the Engine counts from borrowing a context
-            self._active[seq.seq_id] = seq
+        while self._waiting and self._free_ids and self._make_room(self._waiting[0].need):
+            self._admit(self._waiting.popleft())  # in arrival order: a big request is not overtaken forever
         if not self._active:
             return True
         # One token for every generating sequence, then prompt chunks in admission order.
@@ -253,13 +280,76 @@ class Scheduler:
             error = RuntimeError(f"llama_decode failed ({rc}) with {len(self._active)} sequences")
             for seq in list(self._active.values()):
                 self._finish(seq, error)
+            ll.llama_memory_clear(self._mem, True)  # what the failed step left is unknown: keep nothing
+            self._cells = [[] for _ in range(self.slots)]
             return True
         for i, seq in outputs:
             self._sample(seq, i)
         return True
 
-    @staticmethod
-    def _put(b: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    # --- admission and the cache -------------------------------------------
+
+    def _make_room(self, need: int) -> bool:
+        """Whether `need` more cells fit beside what running sequences reserved, giving up kept (finished)
+        sequences' cells, oldest first, until they do."""
+        import llama_cpp as ll
+
+        reserved = sum(s.need for s in self._active.values())
+        kept = sorted((i for i in self._free_ids if self._cells[i]), key=lambda i: self._used_at[i])
+        held = sum(len(self._cells[i]) for i in kept)
+        while reserved + held + need > self.kv_tokens and kept:
+            i = kept.pop(0)
+            ll.llama_memory_seq_rm(self._mem, i, -1, -1)
+            held -= len(self._cells[i])
+            self._cells[i] = []
+        return reserved + held + need <= self.kv_tokens
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give `seq` a free sequence id, starting from the longest prefix of its prompt found in the cache."""
+        import llama_cpp as ll
+
+        limit = len(seq.tokens) - 1  # the last prompt token is always computed: its logits give the first token
+        src, best = -1, 0
+        if seq.exact and not self._active:
+            # A seeded draw turns on the last bits of the logits, and those move with where the sequence's cells
+            # lie in the cache and what was computed with them: alone, it starts from the empty cache a freshly
+            # started worker has, so the same request gives the same text on every worker of the model.
+            ll.llama_memory_clear(self._mem, True)
+            self._cells = [[] for _ in range(self.slots)]
+        elif self.reuse:
+            for i, cells in enumerate(self._cells):
+                n = _common(cells, seq.tokens, limit)
+                if n > best:
+                    src, best = i, n
+        if best < PREFIX_MIN or not self._window_kept(src, best):
+            src, best = -1, 0
+        if src in self._free_ids:  # a finished sequence held it: continue in its slot
+            dst = src
+            if not ll.llama_memory_seq_rm(self._mem, dst, best, -1):  # the model cannot cut a sequence short
+                ll.llama_memory_seq_rm(self._mem, dst, -1, -1)
+                best = 0
+        else:  # an empty slot, or the one kept longest; copy the prefix from the sequence that has it
+            dst = min(self._free_ids, key=lambda i: (bool(self._cells[i]), self._used_at[i]))
+            ll.llama_memory_seq_rm(self._mem, dst, -1, -1)
+            if best:
+                ll.llama_memory_seq_cp(self._mem, src, dst, 0, best)
+        self._cells[dst] = seq.tokens[:best]
+        self._free_ids.remove(dst)
+        seq.seq_id, seq.n_past, seq.cached = dst, best, best
+        seq.t0 = time.perf_counter()  # TTFT from admission, as the Engine counts from borrowing a context
+        self._active[dst] = seq
+
+    def _window_kept(self, seq_id: int, n: int) -> bool:
+        """Whether a sliding-window model still holds what positions from `n` on attend to in `seq_id`
+        (llama.cpp drops cells that left every window)."""
+        import llama_cpp as ll
+
+        if not self._n_swa or seq_id < 0:
+            return True
+        return int(ll.llama_memory_seq_pos_min(self._mem, seq_id)) <= max(0, n - self._n_swa)
+
+    def _put(self, b: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        self._cells[seq_id].append(token)
         b.token[i] = token
         b.pos[i] = pos
         b.n_seq_id[i] = 1
@@ -304,7 +394,10 @@ class Scheduler:
         import llama_cpp as ll
 
         if seq.seq_id >= 0 and self._active.get(seq.seq_id) is seq:
-            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+            if not self.reuse:
+                ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+                self._cells[seq.seq_id] = []
+            self._used_at[seq.seq_id] = time.monotonic()
             del self._active[seq.seq_id]
             self._free_ids.append(seq.seq_id)
             seq.seq_id = -1
@@ -313,3 +406,12 @@ class Scheduler:
         sampling.free_chain(seq.chain)
         seq.chain = None
         seq.resolve(outcome)
+
+
+def _common(cells: list[int], tokens: list[int], limit: int) -> int:
+    """Length of the common start of `cells` and `tokens`, at most `limit`."""
+    n = min(len(cells), limit)
+    i = 0
+    while i < n and cells[i] == tokens[i]:
+        i += 1
+    return i

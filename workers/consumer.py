@@ -1,6 +1,6 @@
 """One JetStream message's whole life, and the pull loop that feeds them in.
 
-Pull from the model's durable consumer with at most WORKER_CONCURRENCY in flight. For each message:
+Pull from the model's durable consumer with at most `in_flight_limit` messages in flight. For each message:
 check the caller's deadline, parse, run (keeping the message alive and streaming pieces if asked),
 then leave through one exit (`_settle`): reply and ack, give it back for another try, or hand it
 back at once when a drain ran out of time; and record the outcome.
@@ -42,7 +42,7 @@ class Consumer:
         self.attempts = attempts  # None: no crash counting (a poison message is retried up to max_deliver)
         self.limits = settings.limits
         self.in_flight: dict[asyncio.Task[None], Msg] = {}
-        self.slots = asyncio.Semaphore(settings.worker_concurrency)
+        self.slots = asyncio.Semaphore(in_flight_limit(settings))
         self.aborted = False  # set when a drain runs out of time: whatever is running goes back to the queue
         self._pull: asyncio.Task[None] | None = None
 
@@ -284,6 +284,14 @@ class Consumer:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 await msg.in_progress()
+
+
+def in_flight_limit(settings: Settings) -> int:
+    """Requests a worker runs at once: WORKER_CONCURRENCY, or for embeddings as many as one decode can group
+    (EMBED_BATCH_MAX), since a request waiting for the next decode is cheaper in the worker than in the queue."""
+    if p.KINDS[settings.model_kind].generates:
+        return settings.worker_concurrency
+    return max(settings.worker_concurrency, settings.embed_batch_max)
 
 
 def _int(value: str | None, default: int) -> int:

@@ -1,10 +1,11 @@
 """llama-cpp-python behind an async interface.
 
-`WORKER_CONCURRENCY` contexts over one model file (the weights are mmapped, so the
-page cache holds them once); each request borrows a context for its whole run. Every
+Generation: `WORKER_CONCURRENCY` contexts over one model file (the weights are mmapped, so the
+page cache holds them once); each request borrows a context for its whole run. Embeddings: one
+context, and requests that wait at the same time embedded together (workers/embed_batch.py). Every
 llama.cpp call runs in a thread so the event loop (heartbeats, health, acks) keeps its rhythm.
 A request's work is bounded before it starts (max_tokens within the context, the embedding token cap)
-and while it runs (the caller's deadline, checked every token and between embedding batches).
+and while it runs (the caller's deadline, checked every token and before each embedding decode).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import sampling
+from .embed_batch import EmbedBatcher
 from .generation import Completion, Embeddings, Expired
-from .protocol import BadRequest, FinishReason, Params, now_ms
+from .protocol import BadRequest, FinishReason, Params, SlotUsage, now_ms
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -29,7 +32,6 @@ if TYPE_CHECKING:
 _GRAMMAR_LOCK = threading.Lock()
 _GRAMMAR_LOG = re.compile(r"^.*grammar", re.MULTILINE)  # where llama.cpp's message (and the source) starts
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
-EMBED_BATCH_TOKENS = 64
 
 
 class Engine:
@@ -38,7 +40,8 @@ class Engine:
     def __init__(self, path: Path, *, embedding: bool, concurrency: int, ctx_size: int, threads: int,
                  pooling: str = "mean", default_max_tokens: int = 128, normalize: bool = False,
                  embed_max_tokens: int = 0, n_gpu_layers: int = 0, flash_attn: bool = False, main_gpu: int = 0,
-                 tensor_split: tuple[float, ...] = (), batched: bool = False) -> None:
+                 tensor_split: tuple[float, ...] = (), batched: bool = False, embed_batch_max: int = 16,
+                 kv_tokens: int = 0) -> None:
         self.path = path
         self.normalize = normalize  # L2-normalise embeddings (sentence-transformers models expect it)
         self.embedding = embedding  # pooled vectors instead of text generation
@@ -48,6 +51,7 @@ class Engine:
         self.pooling = pooling
         self.default_max_tokens = default_max_tokens
         self.embed_max_tokens = embed_max_tokens or 64 * ctx_size  # over all inputs of one request
+        self.embed_batch_max = embed_batch_max  # requests embedded together in one decode (EMBED_BATCH_MAX)
         # GPU offload (ignored by a CPU build of llama.cpp); the defaults are llama-cpp-python's, so CPU as before
         self.n_gpu_layers = n_gpu_layers  # -1: all
         self.flash_attn = flash_attn
@@ -56,7 +60,9 @@ class Engine:
         # ENGINE=batched: generations go to one Scheduler (workers/batching.py) decoding `concurrency` sequences
         # together; the pool keeps one context for what is not a generation (model facts, grammar checks)
         self.batched = batched and not embedding
+        self.kv_tokens = kv_tokens  # batched: the shared KV cache (KV_CACHE_TOKENS); 0: ctx_size × concurrency
         self._scheduler: Scheduler | None = None
+        self._batcher: EmbedBatcher | None = None
         self._free: asyncio.Queue[Llama] = asyncio.Queue()
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
@@ -66,7 +72,9 @@ class Engine:
         from llama_cpp import Llama
 
         kwargs: dict[str, Any] = dict(
-            model_path=str(self.path), n_ctx=self.ctx_size, n_threads=self.threads,
+            # batched: this context only answers for the model (metadata, vocabulary, grammar checks); the
+            # scheduler decodes on its own context of the same loaded model
+            model_path=str(self.path), n_ctx=256 if self.batched else self.ctx_size, n_threads=self.threads,
             n_threads_batch=self.threads, verbose=False, n_gpu_layers=self.n_gpu_layers,
             flash_attn=self.flash_attn, main_gpu=self.main_gpu, tensor_split=list(self.tensor_split) or None,
         )
@@ -78,7 +86,7 @@ class Engine:
     async def load(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Create every context (blocking work in a thread)."""
         t0 = time.perf_counter()
-        contexts = 1 if self.batched else self.concurrency
+        contexts = 1 if self.batched or self.embedding else self.concurrency
         for i in range(contexts):
             llm = await asyncio.to_thread(self._new_context)
             self._contexts.append(llm)
@@ -89,8 +97,13 @@ class Engine:
             from .batching import Scheduler
 
             self._scheduler = Scheduler(self.path, slots=self.concurrency, ctx_size=self.ctx_size,
-                                        threads=self.threads, default_max_tokens=self.default_max_tokens)
+                                        threads=self.threads, default_max_tokens=self.default_max_tokens,
+                                        kv_tokens=self.kv_tokens, model=self._contexts[0]._model.model)
             await self._scheduler.load()
+        if self.embedding:
+            self._batcher = EmbedBatcher(self._contexts[0], max_requests=self.embed_batch_max,
+                                         max_tokens=self.embed_max_tokens, normalize=self.normalize,
+                                         abort=self._abort)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -152,9 +165,19 @@ class Engine:
     def busy(self) -> int:
         if self._scheduler is not None:
             return self._scheduler.busy
+        if self._batcher is not None:
+            return self._batcher.busy
         return len(self._contexts) - self._free.qsize()
 
+    def usage(self) -> SlotUsage:
+        """What the engine holds now: the scheduler's slots and KV cache, or the contexts in use."""
+        if self._scheduler is not None:
+            return self._scheduler.usage()
+        slots = self.embed_batch_max if self._batcher is not None else self.concurrency
+        return SlotUsage(slots=slots, busy=self.busy)
+
     def close(self) -> None:
+        self._batcher = None
         if self._scheduler is not None:
             self._scheduler.close()
             self._scheduler = None
@@ -203,6 +226,7 @@ class Engine:
                              f"together more than the context's {self.ctx_size} (CTX_SIZE); ask for at most "
                              f"{room} tokens or shorten the input")
         max_tokens = p.max_tokens or min(self.default_max_tokens, room)
+        sampling.check_logit_bias(p, llm.n_vocab())
         if deadline_ms is not None and now_ms() >= deadline_ms:
             raise Expired(0)
         t0 = time.perf_counter()
@@ -226,6 +250,10 @@ class Engine:
             top_p=p.top_p if p.top_p is not None else 0.95,
             top_k=p.top_k if p.top_k is not None else 40,
             repeat_penalty=p.repeat_penalty if p.repeat_penalty is not None else 1.0,
+            min_p=p.min_p if p.min_p is not None else 0.05,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+            logit_bias=p.logit_bias,
             stop=[*(p.stop or []), *stop],
             seed=p.seed if p.seed is not None else random.getrandbits(31),  # else llama chains seeds
             stopping_criteria=StoppingCriteriaList([watch]),
@@ -256,45 +284,7 @@ class Engine:
 
     async def embed(self, texts: list[str], deadline_ms: int | None = None) -> Embeddings:
         """One vector per text; every text is counted before any work. Past `deadline_ms` (epoch ms) it stops
-        between batches and raises Expired."""
-        llm = await self._borrow(deadline_ms)
-        try:
-            return await asyncio.to_thread(self._embed, llm, texts, deadline_ms)
-        finally:
-            self._free.put_nowait(llm)
-
-    def _embed(self, llm: Llama, texts: list[str], deadline_ms: int | None) -> Embeddings:
-        # Every text is checked before any work: one too long fails the request, never truncated.
-        # Learned position tables end at the trained context; past it llama.cpp aborts the process.
-        limit = min(self.ctx_size, llm._model.n_ctx_train())
-        counts: list[int] = []
-        total = 0
-        for i, t in enumerate(texts):
-            n = len(llm.tokenize(t.encode(), add_bos=True, special=False))
-            if n > limit:
-                raise BadRequest("context_overflow", f"input[{i}] is {n} tokens but this model takes at most "
-                                 f"{limit}; split the text into shorter pieces")
-            counts.append(n)
-            total += n
-            if total > self.embed_max_tokens:  # stop counting here: the rest is not worth tokenizing
-                raise BadRequest("too_many_tokens", f"the inputs hold more than {self.embed_max_tokens} tokens "
-                                 f"(EMBED_MAX_TOKENS; exceeded at input[{i}] of {len(texts)}); split them over "
-                                 "several requests")
-        # Texts go to llama.cpp in groups of up to EMBED_BATCH_TOKENS tokens: an encoder attends across the
-        # whole batch, so big groups cost more than they save (scripts/bench_embed.py measures it).
-        groups: list[list[str]] = [[]]
-        size = 0
-        for text, n in zip(texts, counts, strict=True):
-            if groups[-1] and size + n > EMBED_BATCH_TOKENS:
-                groups.append([])
-                size = 0
-            groups[-1].append(text)
-            size += n
-        vectors: list[list[float]] = []
-        for group in groups:
-            if self._abort.is_set():
-                raise RuntimeError("aborted")
-            if deadline_ms is not None and now_ms() >= deadline_ms:
-                raise Expired(len(vectors))
-            vectors.extend(llm.embed(group, normalize=self.normalize, truncate=False))
-        return Embeddings(vectors=vectors, tokens=sum(counts))
+        before its next decode and raises Expired."""
+        if self._batcher is None:
+            raise RuntimeError("embed() needs an engine loaded with embedding=True")
+        return await self._batcher.embed(texts, deadline_ms)

@@ -29,7 +29,8 @@ from .outcome import Finished, Intake
 from .runner import DeltaPump, Execution
 from .surface import Serving
 
-OPENAI_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "stop", "seed", "grammar")
+OPENAI_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty", "min_p", "frequency_penalty",
+                 "presence_penalty", "logit_bias", "stop", "seed", "grammar")
 # --- the OpenAI request shapes (the fields this worker reads; others are ignored) -------------------------------
 
 

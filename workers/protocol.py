@@ -135,6 +135,7 @@ def ingress_group(kind: Kind, model: str) -> str:
 MAX_SUBJECT = 1024
 REQ_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 MAX_STOPS = 16  # stop strings per request
+MAX_LOGIT_BIAS = 1024  # token biases per request (OpenAI allows 300)
 MAX_STOP_CHARS = 256
 MAX_JSON_DEPTH = 64  # nesting of a request body; real ones use 4
 
@@ -181,9 +182,23 @@ class Params(_Message):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans it, 100 forces it)
     stop: list[str] | None = None
     seed: int | None = None
     grammar: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_bounded(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        if v is not None:
+            if len(v) > MAX_LOGIT_BIAS:
+                raise ValueError(f"at most {MAX_LOGIT_BIAS} token biases")
+            if any(t < 0 for t in v) or any(not -100.0 <= b <= 100.0 for b in v.values()):
+                raise ValueError("token ids are >= 0 and biases between -100 and 100")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -328,6 +343,20 @@ class QueueMetrics(_Message):
     total_processed: int
     total_failed: int
     last_processed_at: float | None = None  # epoch seconds of the last finished request; None if none yet
+    slots: SlotUsage | None = None  # the engine's slots and KV cache (None until the model is loaded)
+
+
+class SlotUsage(_Message):
+    """What a worker's engine holds right now. Batched engine: sequences decoded together and the tokens of its
+    shared KV cache (reserved by running requests: prompt + max_tokens each, or kept from finished ones for
+    prefix reuse); the per-context engine reports only its contexts."""
+
+    slots: int  # requests it can run at once
+    busy: int  # running now
+    waiting: int = 0  # admitted by the worker, waiting for a slot or for room in the KV cache
+    kv_tokens: int | None = None  # the KV cache's size in tokens
+    kv_reserved: int | None = None  # tokens reserved by running requests
+    kv_kept: int | None = None  # tokens kept from finished requests for prefix reuse (given up when needed)
 
 
 class Backpressure(_Message):
@@ -379,6 +408,7 @@ class BackpressureReport(_Message):
     worker_count: int
     timestamp: float
     instance: str | None = None  # as in Health: the monitor ignores reports from another instance
+    slots: SlotUsage | None = None  # as in Health's queue_metrics
 
 
 def backpressure_level(utilization: float, warning: float = 0.5, critical: float = 0.8) -> Level:

@@ -87,6 +87,8 @@ class Sequence:
     deadline_ms: int | None = None
     seq_id: int = -1  # its llama.cpp sequence while admitted
     n_past: int = 0  # tokens of this sequence in the KV cache
+    cached: int = 0  # of the prompt, tokens found in the KV cache at admission (prefix reuse)
+    exact: bool = False  # seeded sampling: run from an empty cache when it runs alone, so the seed reproduces
     next_token: int = -1  # sampled, not yet decoded
     tokens_out: int = 0  # sampled tokens that are part of the answer (the end-of-generation token is not)
     t0: float = field(default_factory=time.perf_counter)
@@ -106,7 +108,12 @@ class Sequence:
 
     def result(self, finish: FinishReason) -> Completion:
         return Completion(text=self.stream.text, tokens_in=len(self.tokens), tokens_out=self.tokens_out,
-                          finish_reason=finish, ttft_ms=self.ttft_ms)
+                          finish_reason=finish, ttft_ms=self.ttft_ms, cached_tokens=self.cached)
+
+    @property
+    def need(self) -> int:
+        """KV cells this sequence may come to hold: its prompt and every token it may generate."""
+        return len(self.tokens) + self.max_tokens
 
     def resolve(self, value: Completion | BaseException) -> None:
         """Hand the outcome to the caller's event loop (from the loop thread)."""

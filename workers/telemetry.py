@@ -49,6 +49,9 @@ class WorkerState(Protocol):
     @property
     def active(self) -> int: ...
 
+    @property
+    def slots(self) -> p.SlotUsage | None: ...
+
 
 class ConsumerWatch(Protocol):
     """Told of each look at the model's consumer (None: it does not exist): healing.StreamGuard."""
@@ -136,7 +139,7 @@ class Telemetry:
             queue_metrics=p.QueueMetrics(
                 pending_messages=self.depth, active_processing=st.active, queue_capacity=s.queue_max_per_model,
                 total_processed=st.ledger.total_processed, total_failed=st.ledger.total_failed,
-                last_processed_at=st.ledger.last_processed_at,
+                last_processed_at=st.ledger.last_processed_at, slots=st.slots,
             ),
             backpressure_status=p.Backpressure(level=self.level, utilization=self.utilization),
             started_at=st.started_at, uptime_s=round(time.time() - st.started_at, 3),
@@ -155,7 +158,7 @@ class Telemetry:
             model_name=s.model_name, worker_id=s.worker_id, pending_messages=self.depth,
             active_processing=self.state.active, queue_capacity=s.queue_max_per_model,
             utilization=self.utilization, status=self.level, worker_count=self.worker_count,
-            timestamp=time.time(), instance=self.instance,
+            timestamp=time.time(), instance=self.instance, slots=self.state.slots,
         )
 
     def stats_data(self, _endpoint_stats: Any = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from . import protocol as p
 from .answered import Answered, Attempts, ensure_answered
 from .config import Settings
 from .connection import connect
-from .consumer import Consumer
+from .consumer import Consumer, in_flight_limit
 from .engine import Engine
 from .grammars import GrammarStore
 from .healing import StreamGuard
@@ -68,7 +68,7 @@ class Worker:
                            max_rows=settings.log_max_rows)
         self.metrics = Metrics(settings.model_name)
         self.ledger = Ledger(self.store, self.metrics)
-        self.gate = Gate(settings.worker_concurrency + settings.http_queue_limit)
+        self.gate = Gate(in_flight_limit(settings) + settings.http_queue_limit)
         self.started_at = time.time()
         self.should_exit = asyncio.Event()
         self._status: p.WorkerStatus = "starting"
@@ -86,6 +86,10 @@ class Worker:
     @property
     def active(self) -> int:
         return (len(self._consumer.in_flight) if self._consumer else 0) + self.gate.active
+
+    @property
+    def slots(self) -> p.SlotUsage | None:
+        return self._loaded.engine.usage() if self._loaded else None
 
     @property
     def runner(self) -> Runner | None:
@@ -177,8 +181,10 @@ class Worker:
                             default_max_tokens=s.default_max_tokens, normalize=s.embed_normalize,
                             embed_max_tokens=s.embed_token_cap, n_gpu_layers=s.n_gpu_layers,
                             flash_attn=s.flash_attn, main_gpu=s.main_gpu, tensor_split=s.gpu_split,
-                            batched=s.engine == "batched")
+                            batched=s.engine == "batched", embed_batch_max=s.embed_batch_max,
+                            kv_tokens=s.kv_cache_tokens)
             how = (f"1 context batching {s.worker_concurrency} sequences" if engine.batched
+                   else f"1 context embedding up to {s.embed_batch_max} requests together" if engine.embedding
                    else f"{s.worker_concurrency} context(s)")
             log.info("%s: loading %s (%s, ctx %d) …", s.model_name, path.name, how, s.ctx_size)
             await engine.load()

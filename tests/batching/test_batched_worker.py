@@ -7,9 +7,11 @@ import asyncio
 import json
 import sqlite3
 
+import httpx
 import pytest
 
 from tests.conftest import ask
+from workers.ops import broker
 
 pytestmark = pytest.mark.model
 GEMMA = "inference.request.gemma3-270m"
@@ -55,3 +57,39 @@ async def test_streaming_cancel_and_deadline_work_per_sequence(start_worker, nc)
     assert all(d["tokens_out"] == 48 for d in done)  # the cancel ended only its own sequence
     late = await ask(nc, GEMMA, {**body(PROMPTS[0], max_tokens=2000), "timeout_ms": 1500}, timeout=30)
     assert late["error"]["code"] == 504 and late["error"]["type"] == "expired"
+
+
+SYSTEM = "Reference list. " + " ".join(f"Entry {i}: the number {i} squared is {i * i}." for i in range(1, 25)) + "\n"
+
+
+async def test_a_shared_system_prompt_is_reused_and_the_slots_are_reported(start_worker, nc):
+    """Two requests with the same ~230-token system prompt: the second reports the prefix as cached tokens (the
+    reply, OpenAI's usage and the SQLite row) and answers as without reuse; health and the backpressure report
+    show the slots and the KV cache while a request runs."""
+    w = await start_worker(ENGINE="batched", WORKER_CONCURRENCY=2, KV_CACHE_TOKENS=1536,
+                           HTTP_ADDR=f"127.0.0.1:{broker.free_port()}")
+    reports = await nc.subscribe("monitoring.inference.gemma3-270m")
+    first = await ask(nc, GEMMA, {**body(SYSTEM + PROMPTS[0]), "req_id": "p-1"})
+    second = await ask(nc, GEMMA, {**body(SYSTEM + PROMPTS[1]), "req_id": "p-2"})
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] >= 200
+    endpoint = json.loads((await nc.request("models.gemma3-270m.health", b"", timeout=5)).data)["endpoint"]
+    async with httpx.AsyncClient(base_url=endpoint, timeout=60) as http:
+        r = await http.post("/v1/completions", json={"prompt": SYSTEM + PROMPTS[1], "max_tokens": 24,
+                                                     "temperature": 0})
+    assert r.json()["choices"][0]["text"] == second["text"]
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 200
+    long = asyncio.create_task(ask(nc, GEMMA, body(PROMPTS[2], max_tokens=200), timeout=180))
+    while True:
+        health = json.loads((await nc.request("models.gemma3-270m.health", b"", timeout=5)).data)
+        slots = health["queue_metrics"]["slots"]
+        if slots["busy"]:
+            break
+        await asyncio.sleep(0.05)
+    assert slots["slots"] == 2 and slots["kv_tokens"] == 1536 and slots["kv_reserved"] > 200
+    while (report := json.loads((await reports.next_msg(timeout=15)).data))["slots"]["busy"] == 0:
+        pass
+    assert report["slots"]["kv_tokens"] == 1536
+    await long
+    w.terminate()
+    rows = dict(sqlite3.connect(w.db).execute("SELECT req_id, cached_tokens FROM requests WHERE req_id LIKE 'p-%'"))
+    assert rows["p-1"] == 0 and rows["p-2"] == second["cached_tokens"]
