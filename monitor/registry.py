@@ -42,6 +42,7 @@ from .shapes import (
     ServiceEntry,
     ServiceQueue,
     ServiceRemoved,
+    Slots,
     Snapshot,
     Stats,
     StatusChange,
@@ -97,6 +98,7 @@ class Instance:
     capacity: int
     level: p.Level
     data_at: float  # monotonic time of those numbers
+    slots: p.SlotUsage | None  # the engine's slots and KV cache, as fresh as those numbers
     rps: float | None = None  # unknown until two bodies at least a second apart
     rate_mark: tuple[float, int] | None = None  # (monotonic, total_processed) the rate is measured from
     confirmed: bool = False  # a health reply came from it: a live worker, not just a heartbeat anyone could send
@@ -165,7 +167,7 @@ class Registry:
         if inst is None:
             self._make_room()
             inst = Instance(h, wall, wall, now, self._liveness(h, 0.0), qm.pending_messages, qm.active_processing,
-                            qm.queue_capacity, h.backpressure_status.level, now)
+                            qm.queue_capacity, h.backpressure_status.level, now, qm.slots)
             self.instances[h.worker_id] = inst
             self.unconfirmed_arrived |= not confirmed
         else:
@@ -178,6 +180,7 @@ class Registry:
         inst.confirmed |= confirmed
         if now >= inst.data_at:
             inst.pending, inst.active, inst.capacity = qm.pending_messages, qm.active_processing, qm.queue_capacity
+            inst.slots = qm.slots
             inst.level, inst.data_at = h.backpressure_status.level, now
         self._measure_rate(inst, now)
         if new:
@@ -197,6 +200,7 @@ class Registry:
             return
         inst.pending, inst.active, inst.capacity, inst.level = (r.pending_messages, r.active_processing,
                                                                 r.queue_capacity, r.status)
+        inst.slots = r.slots
         inst.data_at = inst.seen_at = now
         inst.last_seen = time.time()
         self._set_status(inst, self._liveness(inst.health, 0.0))
@@ -372,6 +376,7 @@ class Registry:
                 last_processed_at=max((t for t in processed if t is not None), default=None),
             ),
             backpressure_status=_pressure(fresh),
+            slots=_slots([i.slots for i in g.live if i.slots is not None]),
             requests_per_s=g.rps,
             first_seen=m.first_seen,
             last_seen=max(i.last_seen for i in g.instances),
@@ -399,6 +404,7 @@ class Registry:
                                         queue_capacity=qm.queue_capacity, total_processed=qm.total_processed,
                                         total_failed=qm.total_failed, last_processed_at=qm.last_processed_at),
             backpressure_status=_pressure(inst),
+            slots=_slots([inst.slots] if inst.slots is not None else []),
             requests_per_s=inst.rps,
             confirmed=inst.confirmed,
             alerts=[AlertEntry(**a.model_dump()) for a in h.alerts],
@@ -408,3 +414,18 @@ class Registry:
 def _pressure(inst: Instance) -> Pressure:
     """The level `inst` reported with its queue numbers, and the utilization they make."""
     return Pressure(level=inst.level, utilization=round(inst.pending / inst.capacity, 4) if inst.capacity else 0.0)
+
+
+def _slots(usages: list[p.SlotUsage]) -> Slots | None:
+    """Slot and KV usage summed; each kv_* field over the usages that report it, null if none does."""
+    if not usages:
+        return None
+
+    def total(name: str) -> int | None:
+        known = [v for u in usages if (v := getattr(u, name)) is not None]
+        return sum(known) if known else None
+
+    tokens, reserved, kept = total("kv_tokens"), total("kv_reserved"), total("kv_kept")
+    return Slots(slots=sum(u.slots for u in usages), busy=sum(u.busy for u in usages),
+                 waiting=sum(u.waiting for u in usages), kv_tokens=tokens, kv_reserved=reserved, kv_kept=kept,
+                 kv_used=round(((reserved or 0) + (kept or 0)) / tokens, 4) if tokens else None)

@@ -69,6 +69,26 @@ class ServiceQueue(_Shape):
     """The latest finish over the instances, epoch seconds; null if none has finished one."""
 
 
+class Slots(_Shape):
+    """What an engine holds (`protocol.SlotUsage`), of one instance or summed over a model's live instances. The
+    kv_* fields come from the batched engine (ENGINE=batched); they are null where no instance reports them."""
+
+    slots: int
+    """Requests it can run at once."""
+    busy: int
+    """Requests running now."""
+    waiting: int
+    """Requests admitted and waiting for a slot or for room in the KV cache."""
+    kv_tokens: int | None
+    """The KV cache's size in tokens."""
+    kv_reserved: int | None
+    """Tokens reserved by running requests (prompt + max_tokens each)."""
+    kv_kept: int | None
+    """Tokens kept from finished requests for prefix reuse (given up when a new request needs the room)."""
+    kv_used: float | None
+    """(kv_reserved + kv_kept) / kv_tokens, rounded to 4 places; null while kv_tokens is unknown or 0."""
+
+
 class History(_Shape):
     """The model's sparkline samples, oldest first: one every MONITOR_HISTORY_INTERVAL, at most
     MONITOR_HISTORY_LEN; the three lists have the same length."""
@@ -132,6 +152,9 @@ class InstanceEntry(_Shape):
     """The sequence number of its last heartbeat."""
     queue_metrics: InstanceQueue
     backpressure_status: Pressure
+    slots: Slots | None
+    """Its engine's slots and KV cache, the freshest of its heartbeat and its backpressure reports; null until
+    its model is loaded, and from workers older than the field."""
     requests_per_s: float | None
     """Requests finished per second, from the change in total_processed between bodies at least a second
     apart; null until there are two."""
@@ -170,6 +193,8 @@ class ServiceEntry(_Shape):
     queue_metrics: ServiceQueue
     backpressure_status: Pressure
     """The level and utilization that go with `queue_metrics.pending_messages`."""
+    slots: Slots | None
+    """Slots and KV cache summed over the live instances that report them; null if none does."""
     requests_per_s: float | None
     """Requests finished per second, summed over the live instances whose rate is known; null if none is."""
     first_seen: float

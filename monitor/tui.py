@@ -24,7 +24,7 @@ from workers.settings import redact
 from .config import MonitorSettings
 from .feed import Feed, NatsUnavailable
 from .registry import STATUS_ORDER, Registry
-from .shapes import Liveness, ServiceEntry
+from .shapes import Liveness, ServiceEntry, Slots
 
 STATUS_STYLE: dict[Liveness, str] = {"online": "green", "draining": "cyan", "starting": "cyan", "stale": "yellow",
                                      "offline": "red"}
@@ -51,6 +51,18 @@ def queue_bar(pending: int, capacity: int, level: p.Level, width: int = 16) -> T
     return bar
 
 
+def slot_text(u: Slots | None) -> Text:
+    """`busy/slots`, the requests waiting for room if any, and the KV cache's use when the engine reports it."""
+    if u is None:
+        return Text("–")
+    out = Text(f"{u.busy}/{u.slots}")
+    if u.waiting:
+        out.append(f" +{u.waiting} waiting", style="yellow")
+    if u.kv_used is not None:
+        out.append(f" · KV {u.kv_used:.0%}")
+    return out
+
+
 def ago(t: float | None) -> str:
     if not t:
         return "never"
@@ -72,7 +84,8 @@ def table(services: list[ServiceEntry], sort: str = "m", reverse: bool = False, 
     """The fleet as one row per model (rows are Text, so wire strings never act as Rich markup)."""
     label, key = SORTS.get(sort, SORTS["m"])
     t = Table(expand=expand, header_style="bold", pad_edge=False, box=None, row_styles=["", "on grey11"])
-    for col in ("model", "kind", "inst", "status", "queue", "level", "req/s", "done", "failed", "last seen", "up"):
+    for col in ("model", "kind", "inst", "status", "queue", "level", "slots", "req/s", "done", "failed", "last seen",
+                "up"):
         mark = (" ▲" if reverse else " ▼") if col == label else ""
         t.add_column(col + mark, no_wrap=col != "model",
                      justify="right" if col in ("inst", "req/s", "done", "failed") else "left")
@@ -84,6 +97,7 @@ def table(services: list[ServiceEntry], sort: str = "m", reverse: bool = False, 
             Text(s.status, style=STATUS_STYLE[s.status]),
             queue_bar(q.pending_messages, q.queue_capacity, bp.level),
             Text(bp.level, style=LEVEL_STYLE[bp.level]),
+            slot_text(s.slots),
             Text("–" if s.requests_per_s is None else f"{s.requests_per_s:.2f}"),
             Text(str(q.total_processed)), Text(str(q.total_failed)),
             Text(ago(s.last_seen)), Text(duration(s.uptime)),

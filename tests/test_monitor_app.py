@@ -24,11 +24,11 @@ from workers import protocol as p
 
 GEN, EMB = "gemma3-270m", "nomic-embed-v1.5"
 SERVICE_KEYS = ["model_name", "token", "kind", "status", "capabilities", "model_info", "endpoint", "nats_topic",
-                "version", "queue_metrics", "backpressure_status", "requests_per_s", "first_seen", "last_seen",
+                "version", "queue_metrics", "backpressure_status", "slots", "requests_per_s", "first_seen", "last_seen",
                 "uptime", "instance_count", "online_count", "instances", "alerts", "history"]
 INSTANCE_KEYS = ["worker_id", "status", "worker_status", "endpoint", "version", "first_seen", "last_seen", "age_s",
                  "uptime", "started_at", "heartbeat_interval_s", "seq", "queue_metrics", "backpressure_status",
-                 "requests_per_s", "confirmed", "alerts"]
+                 "slots", "requests_per_s", "confirmed", "alerts"]
 MakeApp = Callable[..., tuple[Starlette, Registry]]
 QUEUE_KEYS = ["pending_messages", "active_processing", "queue_capacity", "total_processed", "total_failed",
               "last_processed_at"]

@@ -11,6 +11,7 @@ import pytest
 
 from .conftest import send_many
 from .monitor_support import (
+    heartbeat_body,
     page_fixture,  # noqa: F401 - the page fixture
     start_monitor_fixture,  # noqa: F401 - the start_monitor fixture
 )
@@ -83,3 +84,36 @@ async def test_forged_heartbeat_with_html_renders_as_text(start_monitor, nc, pag
     assert injected == 0
     assert await page.evaluate("window.__xss") is None
     await page.screenshot(path=str(tmp_path / "dashboard-forged.png"), full_page=True)
+
+
+@pytest.mark.model
+async def test_each_instance_shows_its_slots_and_kv_cache_and_an_older_worker_a_dash(start_worker, start_monitor, nc,
+                                                                                    page, tmp_path: Path):
+    await start_worker(ENGINE="batched", WORKER_CONCURRENCY=2, QUEUE_MAX_PER_MODEL=16)
+    m = await start_monitor()
+    await page.goto(m.url + "/")
+    slots = page.locator(f"{CARD} .inst .slots")
+    await slots.wait_for(timeout=5000)
+    assert await slots.get_attribute("data-slots") == "2"
+    assert await slots.inner_text() == "0/2 slots · KV 0%"
+    title = await slots.get_attribute("title") or ""
+    assert "0 of 2 slots busy" in title and "tokens reserved" in title and "kept of" in title, title
+
+    subs = await send_many(nc, 4, 32, "slots")  # two run, two wait for a slot
+    await page.wait_for_function(
+        f"document.querySelector('{CARD} .inst .slots').dataset.busy >= 1", timeout=8000)
+    text = await slots.inner_text()
+    kv = float(await slots.get_attribute("data-kv") or "nan")
+    assert text.startswith(("1/2 slots", "2/2 slots")) and 0 < kv <= 1 and f"KV {round(kv * 100)}%" in text, text
+    assert await page.locator(f"{CARD} .kv-bar .kv-reserved").evaluate("e => e.getBoundingClientRect().width") > 0
+    await page.screenshot(path=str(tmp_path / "dashboard-slots.png"), full_page=True)
+    for s in subs:
+        await s.next_msg(timeout=120)
+
+    await nc.publish("models.older.heartbeat", json.dumps(heartbeat_body("older", "older-w")).encode())
+    old = page.locator('section.card[data-model="older"] .inst .slots')
+    await old.wait_for(timeout=5000)
+    assert await old.inner_text() == "slots –" and await old.get_attribute("data-slots") is None
+    await page.screenshot(path=str(tmp_path / "dashboard-slots-older.png"), full_page=True)
+    assert "null" not in await page.locator("main").inner_text()  # a card without alerts once showed "null"
+    assert page.errors == []

@@ -12,7 +12,7 @@ from workers import protocol as p
 
 
 def health(worker_id: str, model: str = "m", *, interval: float = 1.0, processed: int = 0, status: str = "online",
-           pending: int = 0) -> p.Health:
+           pending: int = 0, slots: dict[str, int] | None = None) -> p.Health:
     body: dict[str, Any] = {
         "model_name": model, "worker_id": worker_id, "kind": "inference", "status": status,
         "capabilities": ["text-generation"], "nats_topic": f"inference.request.{model}", "version": "0",
@@ -22,6 +22,8 @@ def health(worker_id: str, model: str = "m", *, interval: float = 1.0, processed
         "backpressure_status": {"level": p.backpressure_level(pending / 10), "utilization": pending / 10},
         "started_at": 0.0, "uptime_s": 1.0, "heartbeat_interval_s": interval, "seq": 1,
     }
+    if slots is not None:
+        body["queue_metrics"]["slots"] = slots
     return decode_health(json.dumps(body).encode())  # as workers send it: no endpoint, no last_processed_at
 
 
@@ -95,3 +97,44 @@ def test_reports_move_the_queue_between_heartbeats():
     m = entry(reg, "m")
     assert m.queue_metrics.pending_messages == 9
     assert m.backpressure_status == Pressure(level="critical", utilization=0.9)
+
+
+BATCHED = {"slots": 4, "busy": 1, "waiting": 0, "kv_tokens": 4096, "kv_reserved": 1000, "kv_kept": 500}
+
+
+def test_slots_and_kv_show_per_instance_and_sum_over_the_live_ones():
+    reg = Registry(load_settings())
+    reg.observe_health(health("a", slots=BATCHED), now=0)
+    reg.observe_health(health("b", slots={"slots": 2, "busy": 2, "waiting": 1}), now=0)  # per-context engine
+    reg.observe_health(health("c", interval=1, slots=BATCHED), now=-10)  # offline by now: not counted
+    reg.tick(now=0)
+    dump = entry(reg, "m").model_dump(mode="json")
+    insts = {i["worker_id"]: i for i in dump["instances"]}
+    assert insts["a"]["slots"] == {**BATCHED, "kv_used": 0.3662}
+    assert insts["b"]["slots"] == {"slots": 2, "busy": 2, "waiting": 1, "kv_tokens": None, "kv_reserved": None,
+                                   "kv_kept": None, "kv_used": None}
+    assert dump["slots"] == {"slots": 6, "busy": 3, "waiting": 1, "kv_tokens": 4096, "kv_reserved": 1000,
+                             "kv_kept": 500, "kv_used": 0.3662}
+
+
+def test_a_worker_without_slots_shows_null_and_leaves_kv_null():
+    reg = Registry(load_settings())
+    reg.observe_health(health("old"), now=0)  # a worker older than the field
+    dump = entry(reg, "m").model_dump(mode="json")
+    assert dump["slots"] is None and dump["instances"][0]["slots"] is None
+    reg.observe_health(health("new", slots={"slots": 2, "busy": 0}), now=0)
+    assert entry(reg, "m").model_dump(mode="json")["slots"] == {
+        "slots": 2, "busy": 0, "waiting": 0, "kv_tokens": None, "kv_reserved": None, "kv_kept": None,
+        "kv_used": None}
+
+
+def test_reports_move_the_slots_and_an_older_body_does_not_undo_them():
+    reg = Registry(load_settings())
+    reg.observe_health(health("a", slots=BATCHED), now=0)
+    busy = p.SlotUsage(slots=4, busy=4, waiting=2, kv_tokens=4096, kv_reserved=4000, kv_kept=0)
+    reg.observe_report(p.BackpressureReport(model_name="m", worker_id="a", pending_messages=2, active_processing=4,
+                                            queue_capacity=10, utilization=0.2, status="healthy", worker_count=1,
+                                            timestamp=0.0, slots=busy), now=1)
+    reg.observe_health(health("a", slots=BATCHED), now=0.5)  # held up on the way: older than the report
+    got = entry(reg, "m").instances[0].slots
+    assert got is not None and (got.busy, got.waiting, got.kv_reserved, got.kv_used) == (4, 2, 4000, 0.9766)

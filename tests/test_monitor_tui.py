@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,11 @@ from rich.console import Console
 
 from monitor import tui
 from monitor.config import load_settings
+from monitor.registry import Registry, decode_health
 from workers.config import ROOT
 from workers.ops import broker
+
+from .monitor_support import heartbeat_body
 
 
 @pytest.mark.model
@@ -48,3 +52,24 @@ def test_status_once_without_nats_fails_in_one_line():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip().startswith("error: no NATS server answered") and "\n" not in out.stderr.strip()
+
+
+def test_slots_column_shows_busy_slots_and_kv_use_or_a_dash():
+    registry = Registry(load_settings())
+    usage = {"batched": {"slots": 8, "busy": 2, "waiting": 0, "kv_tokens": 4000, "kv_reserved": 1200,
+                         "kv_kept": 280},
+             "contexts": {"slots": 2, "busy": 2, "waiting": 3}, "older": None}
+    for model, slots in usage.items():
+        body = heartbeat_body(model, f"{model}-w")
+        if slots:
+            body["queue_metrics"]["slots"] = slots
+        registry.observe_health(decode_health(json.dumps(body).encode()))
+    console = Console(record=True, width=200, color_system=None)
+    console.print(tui.table(registry.services()))
+    text = console.export_text()
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split() and line.split()[0] in usage}
+    assert "slots" in text.splitlines()[0]
+    assert "2/8 · KV 37%" in rows["batched"], text
+    assert "2/2 +3 waiting" in rows["contexts"] and "KV" not in rows["contexts"], text
+    words = rows["older"].split()
+    assert words[words.index("healthy") + 1] == "–", text  # the slots column, before req/s

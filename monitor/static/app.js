@@ -85,13 +85,35 @@ function capabilityMatrix(caps) {
   }));
 }
 
+// An instance's slots (busy/total, +waiting) and, from the batched engine, how full its KV cache is: reserved by
+// running requests (solid) and kept from finished ones for prefix reuse (pale: given up when room is needed).
+function slotUsage(u) {
+  if (!u) return h("span", { class: "slots", title: "not reported (older worker, or model loading)" }, "slots –");
+  const kv = typeof u.kv_used === "number", pct = `${Math.round((u.kv_used || 0) * 100)}%`;
+  const part = (cls, x) => {
+    const el = h("span", { class: cls });
+    el.style.width = `${Math.min(100, Math.max(0, ((x || 0) / u.kv_tokens) * 100))}%`;
+    if (x > 0) el.style.minWidth = "2px"; // a few tokens still show
+    return el;
+  };
+  const title = [`${u.busy} of ${u.slots} slots busy`, u.waiting ? `${u.waiting} waiting for a slot or KV room` : null,
+    kv ? `KV cache ${pct}: ${u.kv_reserved} tokens reserved + ${u.kv_kept} kept of ${u.kv_tokens}` : null];
+  return h("span", { class: "slots", title: title.filter(Boolean).join(" · "), "data-busy": u.busy,
+    "data-slots": u.slots, "data-kv": kv ? u.kv_used : null },
+    h("b", {}, `${u.busy}/${u.slots}`), " slots",
+    u.waiting ? h("span", { class: "level-warning" }, ` +${u.waiting} waiting`) : null,
+    kv ? [" · ", h("span", { class: "kv-bar" }, part("kv-reserved", u.kv_reserved), part("kv-kept", u.kv_kept)),
+      `KV ${pct}`] : null);
+}
+
 function instanceRow(i) {
   return h("li", { class: `inst st-${i.status}` },
     h("span", { class: "dot" }),
     h("span", { class: "wid", title: i.worker_id }, i.worker_id),
     h("span", { class: "ist" }, i.status),
     h("span", { class: "muted" }, `seen ${ago(i.last_seen)}`),
-    h("span", { class: "muted" }, `up ${duration(i.uptime)}`));
+    h("span", { class: "muted" }, `up ${duration(i.uptime)}`),
+    slotUsage(i.slots)); // a line of its own under the worker id: the first line has no room left
 }
 
 // A worker's recent warnings (stream recreated, a request that crashed workers): newest last, the last three.
@@ -147,7 +169,7 @@ function render() {
       cards.set(name, el);
     }
     el.className = `card st-${s.status}`;
-    el.replaceChildren(...card(s));
+    el.replaceChildren(...card(s).filter(Boolean)); // replaceChildren would show a null as "null"
     if (grid.children[idx] !== el) grid.insertBefore(el, grid.children[idx] || null);
   });
   document.getElementById("empty").hidden = services.size > 0;
@@ -156,12 +178,13 @@ function render() {
     inst += s.instance_count; live += s.online_count; queued += s.queue_metrics.pending_messages;
     rps += s.requests_per_s || 0; warned += (s.alerts || []).length;
   }
-  document.getElementById("summary").replaceChildren(
+  document.getElementById("summary").replaceChildren(...[
     h("span", {}, h("b", {}, services.size), " models"),
     h("span", {}, h("b", {}, `${live}/${inst}`), " instances live"),
     h("span", {}, h("b", {}, queued), " queued"),
     h("span", {}, h("b", {}, num(rps)), " req/s"),
-    warned ? h("span", { class: "level-warning", id: "alert-count" }, h("b", {}, warned), " alerts") : null);
+    warned ? h("span", { class: "level-warning", id: "alert-count" }, h("b", {}, warned), " alerts") : null,
+  ].filter(Boolean));
 }
 
 function setConn(state, text) {
