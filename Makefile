@@ -73,10 +73,11 @@ test: setup browser compose-tool ## the test suite (real nats-server, real gemma
 test-unit: $(STAMP) ## the fast tier: no model, no browser (real nats-server where NATS is the point), under a minute
 	$(BIN)/python -m pytest -q -m "not model and not browser"
 
-bench: setup ## fleet over NATS vs direct llama-cpp-python (completions, minilm embeddings, batched vs per-context engine)
+bench: setup ## fleet over NATS vs direct llama-cpp-python and llama.cpp's llama-server (built once into ~/.cache, ~6 min)
 	$(BIN)/python scripts/bench_fleet.py
 	$(BIN)/python scripts/bench_embed.py
 	$(BIN)/python scripts/bench_scheduler.py
+	$(BIN)/python scripts/bench_peers.py --build
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check workers monitor cli scripts tests
