@@ -10,7 +10,7 @@ import sqlite3
 import httpx
 import pytest
 
-from tests.conftest import ask
+from tests.conftest import ask, send_many
 from workers.ops import broker
 
 pytestmark = pytest.mark.model
@@ -93,3 +93,24 @@ async def test_a_shared_system_prompt_is_reused_and_the_slots_are_reported(start
     w.terminate()
     rows = dict(sqlite3.connect(w.db).execute("SELECT req_id, cached_tokens FROM requests WHERE req_id LIKE 'p-%'"))
     assert rows["p-1"] == 0 and rows["p-2"] == second["cached_tokens"]
+
+
+async def test_sigkill_during_a_batched_step_loses_nothing_and_answers_once(start_worker, nc):
+    """Six requests decoding together and four queued when the worker is killed: after a restart all ten are
+    answered, each exactly once, by the new worker."""
+    a = await start_worker(ENGINE="batched", WORKER_CONCURRENCY=6, QUEUE_ACK_WAIT_S=3)
+    subs = await send_many(nc, 10, 96, "bkill")
+    while True:  # until all six sequences are running in the one context
+        health = json.loads((await nc.request("models.gemma3-270m.health", b"", timeout=5)).data)
+        if (health["queue_metrics"]["slots"] or {}).get("busy") == 6:
+            break
+        await asyncio.sleep(0.05)
+    a.kill()
+    b = await start_worker(ENGINE="batched", WORKER_CONCURRENCY=6, QUEUE_ACK_WAIT_S=3)
+    replies = [json.loads((await s.next_msg(timeout=180)).data) for s in subs]
+    await asyncio.sleep(1.0)
+    assert all(s.pending_msgs == 0 for s in subs), "a caller got more than one answer"
+    assert sorted(r["req_id"] for r in replies) == sorted(f"bkill-{i}" for i in range(10))
+    assert all("error" not in r and r["finish_reason"] in ("stop", "length") for r in replies)
+    assert {r["worker_id"] for r in replies} == {replies[0]["worker_id"]}  # the new worker answered them all
+    assert replies[0]["worker_id"].endswith(f"-{b.proc.pid}")
