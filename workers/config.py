@@ -57,7 +57,7 @@ class Settings(NatsSettings, BackpressureSettings):
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     # contexts: WORKER_CONCURRENCY llama.cpp contexts, one request each; batched: one context decoding up to
     # WORKER_CONCURRENCY requests together (continuous batching, workers/batching.py)
-    engine: Literal["contexts", "batched"] = "contexts"
+    engine: Literal["contexts", "batched"] = "batched"
     # batched: tokens the one KV cache holds for all sequences together; 0: CTX_SIZE × WORKER_CONCURRENCY (every
     # sequence can always use its whole context). Smaller saves memory: a request waits for room instead.
     kv_cache_tokens: int = Field(default=0, ge=0)
