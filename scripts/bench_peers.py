@@ -339,7 +339,7 @@ async def embeddings(args: argparse.Namespace, binary: Path | None) -> list[Poin
         stack.callback(llm.close)
         systems = [System(DIRECT_EMBED, run, (8,))]
         nc, pid, ready = await stack.enter_async_context(worker(EMB, MODEL_PATH=str(model)))
-        systems.append(per_request(f"worker embed ({settings.worker_concurrency} ctx)", nats_embedding(nc), (8,),
+        systems.append(per_request(f"worker embed (groups of {settings.embed_batch_max})", nats_embedding(nc), (8,),
                                    pid, ready))
         if binary is not None:
             http = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=httpx.Limits(

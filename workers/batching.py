@@ -40,8 +40,9 @@ class Scheduler:
 
     def __init__(self, path: Path, *, slots: int, ctx_size: int, threads: int, default_max_tokens: int = 128,
                  n_batch: int = 512, prefill_chunk: int = 256, kv_tokens: int = 0, reuse: bool = True,
-                 model: Any = None) -> None:
+                 model: Any = None, flash_attn: bool | None = None) -> None:
         self.path = path
+        self.flash_attn = flash_attn  # None: llama.cpp decides (its default, as llama-server's)
         self._own_model = model is None  # else a loaded llama_model (the Engine's): shared weights, not freed here
         self.slots = slots
         self.ctx_size = ctx_size  # per sequence: a prompt plus its answer fit in it, as with the Engine
@@ -98,6 +99,9 @@ class Scheduler:
         # Sliding-window layers keep only their window per sequence (llama-server's default; the full-size
         # window cache is ~240 MiB more for gemma3 at 8 × 2048): prefix reuse checks the window is still there.
         cparams.swa_full = False
+        if self.flash_attn is not None:
+            cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else \
+                ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = ll.llama_init_from_model(model, cparams)
         if not ctx:
             if self._own_model:

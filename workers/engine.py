@@ -98,7 +98,8 @@ class Engine:
 
             self._scheduler = Scheduler(self.path, slots=self.concurrency, ctx_size=self.ctx_size,
                                         threads=self.threads, default_max_tokens=self.default_max_tokens,
-                                        kv_tokens=self.kv_tokens, model=self._contexts[0]._model.model)
+                                        kv_tokens=self.kv_tokens, model=self._contexts[0]._model.model,
+                                        flash_attn=True if self.flash_attn else None)
             await self._scheduler.load()
         if self.embedding:
             self._batcher = EmbedBatcher(self._contexts[0], max_requests=self.embed_batch_max,
