@@ -111,7 +111,9 @@ async def fleet_vs_direct(model: Path, n: int) -> None:
         out = await engine.embed(batch)
         assert len(out.vectors) == len(batch)
 
-    async with local_worker(NAME, MODEL_PATH=str(model)) as (nc, url):
+    async with local_worker(NAME, MODEL_PATH=str(model)) as w:
+        nc = w.nc
+
         async def fleet(batch: list[str]) -> None:
             msg = await nc.request(SUBJECT, json.dumps({"input": batch}).encode(), timeout=300)
             out = json.loads(msg.data)

@@ -114,7 +114,8 @@ async def main() -> None:
         assert out.tokens_out > 0
 
     async with local_worker("gemma3-270m", MODEL_PATH=str(model), WORKER_CONCURRENCY=str(args.concurrency),
-                            MODEL_THREADS=str(threads)) as (nc, url):
+                            MODEL_THREADS=str(threads)) as w:
+        nc, url = w.nc, w.url
         engine_ms: list[float] = []
 
         async def fleet(text: str) -> None:

@@ -44,16 +44,15 @@ import httpx  # noqa: E402
 
 from scripts import llama_server  # noqa: E402
 from scripts.bench_embed import texts as embed_texts  # noqa: E402
-from workers import discovery  # noqa: E402
+from scripts.benchlib import local_worker  # noqa: E402
 from workers.config import Settings, load_settings  # noqa: E402
-from workers.connection import NATS, connect  # noqa: E402
+from workers.connection import NATS  # noqa: E402
 from workers.engine import POOLING  # noqa: E402
 from workers.formats import format_prompt  # noqa: E402
 from workers.formats.template import Template  # noqa: E402
 from workers.modelfile import resolve  # noqa: E402
 from workers.ops import broker  # noqa: E402
 from workers.protocol import InferenceRequest  # noqa: E402
-from workers.settings import NatsSettings  # noqa: E402
 
 GEN, EMB = "gemma3-270m", "minilm-l6-v2"
 TOKENS, LEVELS = 64, (1, 4, 8)
@@ -173,29 +172,8 @@ async def compare(systems: list[System], take: Callable[[int], list[str]],
 @asynccontextmanager
 async def worker(name: str, **env: str) -> AsyncIterator[tuple[NATS, int, float]]:
     """nats-server (temp store) plus worker `name`; yield (client, worker pid, seconds from spawn to online)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        port = broker.free_port()
-        url = f"nats://127.0.0.1:{port}"
-        server = broker.start(port, Path(tmp) / "js")
-        proc: subprocess.Popen[bytes] | None = None
-        nc: NATS | None = None
-        log = Path(tmp) / "worker.log"
-        try:
-            t0 = time.perf_counter()
-            with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall a chatty worker
-                child = proc = subprocess.Popen(
-                    [sys.executable, "-m", "workers", name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out,
-                    env=dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), HTTP_ADDR="", **env))
-            nc = await connect(url, name="bench-peers", auth=NatsSettings(nats_url=url).nats_auth())
-            if not await discovery.wait_online(nc, name, pid=child.pid, timeout=300, interval=0.05,
-                                               alive=lambda: child.poll() is None):
-                raise RuntimeError(f"worker {name} did not come online: {log.read_text()[-2000:]}")
-            yield nc, child.pid, time.perf_counter() - t0
-        finally:
-            if nc is not None:
-                await nc.close()
-            for p in (proc, server):
-                broker.stop(p, grace=60)
+    async with local_worker(name, **env) as w:
+        yield w.nc, w.pid, w.ready_s
 
 
 @asynccontextmanager

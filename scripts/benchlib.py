@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from workers import discovery
@@ -28,9 +30,17 @@ def _exit_on_sigterm(*_: object) -> None:
     raise SystemExit(143)
 
 
+@dataclass
+class LocalWorker:
+    nc: NATS  # a client of the private nats-server
+    url: str  # that server
+    pid: int  # the worker process
+    ready_s: float  # from spawn to its first online health reply
+
+
 @asynccontextmanager
-async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[NATS, str]]:
-    """Start nats-server (temp store, free port) and worker `name`; yield (client, url) once it is online."""
+async def local_worker(name: str, **env: str) -> AsyncIterator[LocalWorker]:
+    """Start nats-server (temp store, free port) and worker `name`; yield it once it is online."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with tempfile.TemporaryDirectory() as tmp:
         port = broker.free_port()
@@ -38,17 +48,20 @@ async def local_worker(name: str, **env: str) -> AsyncIterator[tuple[NATS, str]]
         server = broker.start(port, Path(tmp) / "js")
         worker: subprocess.Popen[bytes] | None = None
         nc: NATS | None = None
+        log = Path(tmp) / "worker.log"
         try:
-            child = worker = subprocess.Popen(
-                [sys.executable, "-m", "workers", name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env=dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), HTTP_ADDR="", **env),
-            )
+            t0 = time.perf_counter()
+            with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall a chatty worker
+                child = worker = subprocess.Popen(
+                    [sys.executable, "-m", "workers", name], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out,
+                    env=dict(os.environ, NATS_URL=url, DATA_DIR=str(Path(tmp) / "data"), HTTP_ADDR="", **env),
+                )
             # the worker inherits NATS_USER, NATS_CREDS, NATS_TLS_* … from this environment; so does this client
             nc = await connect(url, name="bench", auth=NatsSettings(nats_url=url).nats_auth())
-            if not await discovery.wait_online(nc, name, timeout=None, alive=lambda: child.poll() is None):
-                _, stderr = child.communicate()
-                raise SystemExit(f"worker exited: {stderr.decode()}")
-            yield nc, url
+            if not await discovery.wait_online(nc, name, pid=child.pid, timeout=300, interval=0.05,
+                                               alive=lambda: child.poll() is None):
+                raise SystemExit(f"worker {name} did not come online: {log.read_text()[-2000:]}")
+            yield LocalWorker(nc, url, child.pid, time.perf_counter() - t0)
         finally:
             if nc is not None:
                 await nc.close()
