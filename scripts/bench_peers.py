@@ -45,6 +45,7 @@ import httpx  # noqa: E402
 from scripts import llama_server  # noqa: E402
 from scripts.bench_embed import texts as embed_texts  # noqa: E402
 from scripts.benchlib import local_worker  # noqa: E402
+from workers.batching import Scheduler  # noqa: E402
 from workers.config import Settings, load_settings  # noqa: E402
 from workers.connection import NATS  # noqa: E402
 from workers.engine import POOLING  # noqa: E402
@@ -52,12 +53,13 @@ from workers.formats import format_prompt  # noqa: E402
 from workers.formats.template import Template  # noqa: E402
 from workers.modelfile import resolve  # noqa: E402
 from workers.ops import broker  # noqa: E402
-from workers.protocol import InferenceRequest  # noqa: E402
+from workers.protocol import InferenceRequest, Params  # noqa: E402
 
 GEN, EMB = "gemma3-270m", "minilm-l6-v2"
 TOKENS, LEVELS = 64, (1, 4, 8)
 CORES = os.cpu_count() or 1
 BATCHED, TODAY, DIRECT = "worker batched 8 slots", "worker today (2 contexts)", "direct llama-cpp-python"
+CEILING = "one context, 8 sequences, in process"  # the worker's Scheduler without NATS: what batching alone gives
 DIRECT_EMBED = "direct Llama.embed (grouped)"
 TOPICS = ["the ocean", "volcanoes", "the history of bread", "bicycles", "the moon", "honey bees", "glaciers",
           "the printing press", "coffee", "lighthouses", "trains", "the desert", "clocks", "owls", "rivers",
@@ -257,6 +259,16 @@ async def completions(args: argparse.Namespace, binary: Path | None) -> list[Poi
             return int(out["usage"]["completion_tokens"])  # type: ignore[index]
 
         systems = [per_request(DIRECT, direct, levels=(1,))]
+        ceiling = Scheduler(model, slots=8, ctx_size=settings.ctx_size, threads=CORES)
+        await ceiling.load()
+        stack.callback(ceiling.close)
+
+        async def in_process(text: str) -> int:
+            out = await ceiling.complete(formatted(text), Params(max_tokens=TOKENS, temperature=0),
+                                         stop=tuple(template.stop))
+            return out.tokens_out
+
+        systems.append(per_request(CEILING, in_process, levels=(8,)))
         for name, env in ((TODAY, {"ENGINE": "contexts", "WORKER_CONCURRENCY": "2"}),
                           (BATCHED, {"ENGINE": "batched", "WORKER_CONCURRENCY": "8", "MODEL_THREADS": str(CORES)})):
             nc, pid, ready = await stack.enter_async_context(worker(GEN, MODEL_PATH=str(model), **env))
@@ -375,7 +387,11 @@ def report(gen: list[Point], emb: list[Point], skipped: str) -> None:
             if target:
                 checks.append((f"worker batched ≥ {target}× worker today at c={c}", b.rate / t.rate >= target,
                                f"{b.rate / t.rate:.2f}×"))
-    b8, s8 = at(gen, BATCHED, 8), at(gen, "llama-server -np 8", 8)
+    b8, s8, top = at(gen, BATCHED, 8), at(gen, "llama-server -np 8", 8), at(gen, CEILING, 8)
+    if b8 and top:
+        print(f"  worker batched / one context in process at c=8: {b8.rate / top.rate:.2f}")
+        checks.append(("worker batched ≥ 0.9× the one-context ceiling at c=8", b8.rate >= 0.9 * top.rate,
+                       f"{b8.rate / top.rate:.2f}×"))
     if b8 and b8.rss_mib is not None:
         checks.append(("RSS of the 8-slot worker ≤ llama-server -np 8 + 100 MiB",
                        b8.rss_mib <= s8.rss_mib + 100 if s8 and s8.rss_mib else None,
