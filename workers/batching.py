@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sampling
-from .generation import Completion, Expired
+from .generation import Completion, Expired, token_budget
 from .protocol import BadRequest, FinishReason, Params, SlotUsage, now_ms
 from .sequence import Sequence, TextStream
 
@@ -68,6 +68,7 @@ class Scheduler:
         self._cells: list[list[int]] = [[] for _ in range(slots)]  # tokens in the cache per seq_id, by position
         self._used_at: list[float] = [0.0] * slots  # when each seq_id last finished (the oldest kept goes first)
         self._n_swa = 0  # the model's sliding attention window (0: none)
+        self._piece_buf = ctypes.create_string_buffer(64)  # a token's bytes; decode thread only
         self._abort = threading.Event()
 
     # --- life cycle ---------------------------------------------------------
@@ -178,15 +179,7 @@ class Scheduler:
         if self._thread is None:
             raise RuntimeError("the scheduler is not running; await load() first")
         tokens = await asyncio.to_thread(self.tokenize, prompt) if isinstance(prompt, str) else list(prompt)
-        room = self.ctx_size - len(tokens)
-        if room < 1:
-            raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens but the context holds "
-                             f"{self.ctx_size}; shorten the input or raise CTX_SIZE")
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens and max_tokens "
-                             f"{params.max_tokens}: together more than the context's {self.ctx_size} (CTX_SIZE); "
-                             f"ask for at most {room} tokens or shorten the input")
-        max_tokens = params.max_tokens or min(self.default_max_tokens, room)
+        max_tokens = token_budget(len(tokens), params, self.ctx_size, self.default_max_tokens)
         if len(tokens) + max_tokens > self.kv_tokens:
             raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens and max_tokens {max_tokens}: "
                              f"together more than the KV cache's {self.kv_tokens} (KV_CACHE_TOKENS); ask for at "
@@ -389,12 +382,12 @@ class Scheduler:
     def _piece(self, token: int) -> bytes:
         import llama_cpp as ll
 
-        buf = ctypes.create_string_buffer(64)
-        n = ll.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        buf = self._piece_buf
+        n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # a longer piece than any before: a bigger buffer from now on
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
             n = ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        return ctypes.string_at(buf, n)
 
     def _finish(self, seq: Sequence, outcome: Completion | BaseException) -> None:
         """Take a sequence out of the cache and the slot table and answer its caller."""

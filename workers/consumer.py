@@ -120,8 +120,8 @@ class Consumer:
                         queue_ms=float(start - enqueued))
         targets = [h.get(p.H_REPLY_TO)]
         if intake.deliveries > 1 and self.answered is not None and await self.answered.answered_by_other(msg):
-            self.store.event("request.duplicate", "delivered again after another worker answered it; acked "
-                             "without running it", req_id=req_id, deliveries=intake.deliveries)
+            self.store.event("request.duplicate", "delivered again after it was answered (by this worker or "
+                             "another); acked without running it", req_id=req_id, deliveries=intake.deliveries)
             await self._ack(msg)
             return
         crashes = await self.attempts.begin(msg) if self.attempts is not None else 0

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import sampling
 from .embed_batch import EmbedBatcher
-from .generation import Completion, Embeddings, Expired
-from .protocol import BadRequest, FinishReason, Params, SlotUsage, now_ms
+from .generation import Completion, Embeddings, Expired, token_budget
+from .protocol import FinishReason, Params, SlotUsage, now_ms
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -218,15 +218,7 @@ class Engine:
         from llama_cpp import LlamaGrammar, StoppingCriteriaList, llama_vocab_is_eog
 
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        room = self.ctx_size - len(tokens)
-        if room < 1:
-            raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens but the context holds "
-                             f"{self.ctx_size}; shorten the input or raise CTX_SIZE")
-        if p.max_tokens is not None and p.max_tokens > room:  # asked for: refused, as OpenAI does; never cut
-            raise BadRequest("context_overflow", f"prompt is {len(tokens)} tokens and max_tokens {p.max_tokens}: "
-                             f"together more than the context's {self.ctx_size} (CTX_SIZE); ask for at most "
-                             f"{room} tokens or shorten the input")
-        max_tokens = p.max_tokens or min(self.default_max_tokens, room)
+        max_tokens = token_budget(len(tokens), p, self.ctx_size, self.default_max_tokens)
         sampling.check_logit_bias(p, llm.n_vocab())
         if deadline_ms is not None and now_ms() >= deadline_ms:
             raise Expired(0)
@@ -247,11 +239,11 @@ class Engine:
         chunks: Any = llm.create_completion(
             tokens,
             max_tokens=max_tokens,
-            temperature=p.temperature if p.temperature is not None else 0.8,
-            top_p=p.top_p if p.top_p is not None else 0.95,
-            top_k=p.top_k if p.top_k is not None else 40,
-            repeat_penalty=p.repeat_penalty if p.repeat_penalty is not None else 1.0,
-            min_p=p.min_p if p.min_p is not None else 0.05,
+            temperature=p.temperature if p.temperature is not None else sampling.TEMPERATURE,
+            top_p=p.top_p if p.top_p is not None else sampling.TOP_P,
+            top_k=p.top_k if p.top_k is not None else sampling.TOP_K,
+            repeat_penalty=p.repeat_penalty if p.repeat_penalty is not None else sampling.REPEAT_PENALTY,
+            min_p=p.min_p if p.min_p is not None else sampling.MIN_P,
             frequency_penalty=p.frequency_penalty or 0.0,
             presence_penalty=p.presence_penalty or 0.0,
             logit_bias=p.logit_bias,

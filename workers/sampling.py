@@ -12,7 +12,7 @@ from typing import Any
 
 from .protocol import BadRequest, Params
 
-# Defaults of workers/engine.py (and of llama-cpp-python for the ones it does not set).
+# The defaults of both engines (llama-cpp-python's own; workers/engine.py passes these to create_completion).
 TEMPERATURE = 0.8
 TOP_P = 0.95
 TOP_K = 40
