@@ -155,7 +155,8 @@ class Settings(NatsSettings, BackpressureSettings):
         if not self.worker_id:
             self.worker_id = f"{self.model_name}-{socket.gethostname()}-{os.getpid()}"
         if self.model_threads == 0:  # the cores, shared by the contexts (one batched context uses them all)
-            share = 1 if self.engine == "batched" else self.worker_concurrency
+            one_context = self.engine == "batched" or self.model_kind == "embedding"  # embed_batch: one context
+            share = 1 if one_context else self.worker_concurrency
             self.model_threads = max(1, (os.cpu_count() or 1) // share)
         return self
 

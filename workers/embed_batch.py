@@ -22,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .generation import Embeddings, Expired
 from .protocol import BadRequest, now_ms
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 EMBED_BATCH_TOKENS = 64  # tokens per decode (best in scripts/bench_embed.py); a longer text still goes, alone
+INLINE_CHARS = 4096  # a request this short is tokenized on the event loop: a thread hand-off costs more
 
 
 @dataclass(eq=False)
@@ -36,7 +39,7 @@ class _Job:
     """One request in line: its texts, how far it got, and the caller waiting for it."""
 
     texts: list[str]
-    counts: list[int]
+    tokens: list[list[int]]
     deadline_ms: int | None
     future: asyncio.Future[Embeddings]
     vectors: list[list[float]] = field(default_factory=list)
@@ -48,11 +51,72 @@ class _Job:
         return len(self.vectors)
 
 
+class _Context:
+    """A llama.cpp embedding context of its own on the loaded model, fed token ids directly.
+
+    `Llama.embed` tokenizes every text again (the batcher has the tokens from counting them) and copies and
+    normalizes vectors in Python loops. Flash attention stays off unless FLASH_ATTN=on: on this CPU it makes a
+    group of short texts about a fifth faster, but a text's vector then differs from its lone vector by up to
+    1e-4 depending on its company (scripts/bench_embed.py)."""
+
+    def __init__(self, llm: Llama, *, pooling: int, sequences: int, threads: int, flash_attn: bool) -> None:
+        import llama_cpp as ll
+
+        n_ctx = llm.n_ctx()
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_seq_max = sequences
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.embeddings = True
+        cparams.pooling_type = pooling
+        cparams.kv_unified = True
+        cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else \
+            ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = ll.llama_init_from_model(llm._model.model, cparams)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create an embedding context of {n_ctx} tokens")
+        self._batch = ll.llama_batch_init(n_ctx, 0, 1)
+        self._mem = ll.llama_get_memory(self._ctx)
+        self.n_embd = ll.llama_model_n_embd(llm._model.model)
+
+    def embed(self, texts: list[list[int]], normalize: bool) -> list[list[float]]:
+        """One pooled vector per token list; all of them in one llama_decode (they fit n_batch together)."""
+        import llama_cpp as ll
+
+        b, n = self._batch, 0
+        for seq, tokens in enumerate(texts):
+            for pos, token in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, True
+                b.seq_id[n][0] = seq
+                n += 1
+        b.n_tokens = n
+        ll.llama_memory_clear(self._mem, True)
+        rc = ll.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) embedding {len(texts)} texts of {n} tokens")
+        rows = np.array([np.ctypeslib.as_array(ll.llama_get_embeddings_seq(self._ctx, seq), shape=(self.n_embd,))
+                         for seq in range(len(texts))], dtype=np.float64)
+        if normalize:  # unit length (sentence-transformers' normalize), as llama-cpp-python's normalize_embedding
+            norms = np.linalg.norm(rows, axis=1, keepdims=True)
+            rows = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+        vectors: list[list[float]] = rows.tolist()
+        return vectors
+
+    def close(self) -> None:
+        import llama_cpp as ll
+
+        if self._ctx:
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            self._ctx = None
+
+
 class EmbedBatcher:
     """Runs every embedding request of one context, grouping those that wait at the same time."""
 
     def __init__(self, llm: Llama, *, max_requests: int, max_tokens: int, normalize: bool,
-                 abort: threading.Event, batch_tokens: int = EMBED_BATCH_TOKENS) -> None:
+                 abort: threading.Event, batch_tokens: int = EMBED_BATCH_TOKENS, pooling: int = 1,
+                 threads: int = 1, flash_attn: bool = False) -> None:
         self.llm = llm
         self.max_requests = max_requests  # EMBED_BATCH_MAX
         self.max_tokens = max_tokens  # EMBED_MAX_TOKENS: over all texts of one request
@@ -62,6 +126,9 @@ class EmbedBatcher:
         self.limit = min(llm.n_ctx(), llm._model.n_ctx_train())
         self.batch_tokens = min(batch_tokens, llm.n_batch)
         self.max_texts = llm.context_params.n_seq_max  # one sequence per text, all in one decode
+        # pooling "none" (a vector per token) stays with Llama.embed; pooled vectors use a context of our own
+        self._ctx = _Context(llm, pooling=pooling, sequences=self.max_texts, threads=threads,
+                                flash_attn=flash_attn) if pooling else None
         self._line: deque[_Job] = deque()
         self._ids = itertools.count(1)
         self._serving: asyncio.Task[None] | None = None
@@ -76,31 +143,35 @@ class EmbedBatcher:
         before its next decode and raises Expired."""
         if not texts:
             return Embeddings(vectors=[], tokens=0)
-        counts = await asyncio.to_thread(self._count, texts)
+        if sum(len(t) for t in texts) <= INLINE_CHARS:
+            tokens = self._tokenize(texts)
+        else:
+            tokens = await asyncio.to_thread(self._tokenize, texts)
         if deadline_ms is not None and now_ms() >= deadline_ms:
             raise Expired(0)
-        job = _Job(texts, counts, deadline_ms, asyncio.get_running_loop().create_future())
+        job = _Job(texts, tokens, deadline_ms, asyncio.get_running_loop().create_future())
         self._line.append(job)
         if self._serving is None or self._serving.done():
             self._serving = asyncio.create_task(self._serve(), name="embed-batches")
         return await job.future
 
-    def _count(self, texts: list[str]) -> list[int]:
-        """Tokens per text; BadRequest for one too long or for too many in all (never truncated)."""
-        counts: list[int] = []
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's tokens; BadRequest for one too long or for too many in all (never truncated)."""
+        out: list[list[int]] = []
         total = 0
         for i, t in enumerate(texts):
-            n = len(self.llm.tokenize(t.encode(), add_bos=True, special=False))
+            tokens = self.llm.tokenize(t.encode(), add_bos=True, special=False)
+            n = len(tokens)
             if n > self.limit:
                 raise BadRequest("context_overflow", f"input[{i}] is {n} tokens but this model takes at most "
                                  f"{self.limit}; split the text into shorter pieces")
-            counts.append(n)
+            out.append(tokens)
             total += n
             if total > self.max_tokens:  # stop counting here: the rest is not worth tokenizing
                 raise BadRequest("too_many_tokens", f"the inputs hold more than {self.max_tokens} tokens "
                                  f"(EMBED_MAX_TOKENS; exceeded at input[{i}] of {len(texts)}); split them over "
                                  "several requests")
-        return counts
+        return out
 
     async def _serve(self) -> None:
         """Decode groups until the line is empty; started by the request that finds nobody serving."""
@@ -119,10 +190,9 @@ class EmbedBatcher:
             group = self._take()
             if not group:
                 continue
-            texts = [t for job, start, end in group for t in job.texts[start:end]]
             batch_id = next(self._ids)
             try:
-                vectors = await asyncio.to_thread(self._decode, texts)
+                vectors = await asyncio.to_thread(self._decode, group)
             except Exception as e:
                 if len(group) == 1:
                     self._fail(group[0][0], e)
@@ -140,7 +210,7 @@ class EmbedBatcher:
                 if job.future.done():  # the caller went away while it ran
                     continue
                 if job.done == len(job.texts):
-                    job.future.set_result(Embeddings(vectors=job.vectors, tokens=sum(job.counts),
+                    job.future.set_result(Embeddings(vectors=job.vectors, tokens=sum(map(len, job.tokens)),
                                                      batch_id=job.batch_id))
                 else:
                     self._line.append(job)  # the rest after the others' turn
@@ -164,7 +234,7 @@ class EmbedBatcher:
                 continue
             start = end = job.done
             while end < len(job.texts):
-                n = job.counts[end]
+                n = len(job.tokens[end])
                 if (group or end > start) and (tokens + n > self.batch_tokens or texts == self.max_texts):
                     break
                 tokens += n
@@ -179,7 +249,14 @@ class EmbedBatcher:
         if not job.future.done():
             job.future.set_exception(error)
 
-    def _decode(self, texts: list[str]) -> list[list[float]]:
-        # one decode: the group fits n_batch tokens and n_seq_max sequences, which is when Llama.embed makes one
-        vectors: list[list[float]] = self.llm.embed(texts, normalize=self.normalize, truncate=False)
-        return vectors
+    def _decode(self, group: list[tuple[_Job, int, int]]) -> list[list[float]]:
+        # one decode: the group fits n_batch tokens and n_seq_max sequences
+        if self._ctx is None:
+            texts = [t for job, start, end in group for t in job.texts[start:end]]
+            vectors: list[list[float]] = self.llm.embed(texts, normalize=self.normalize, truncate=False)
+            return vectors
+        return self._ctx.embed([t for job, start, end in group for t in job.tokens[start:end]], self.normalize)
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()

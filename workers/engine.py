@@ -104,7 +104,8 @@ class Engine:
         if self.embedding:
             self._batcher = EmbedBatcher(self._contexts[0], max_requests=self.embed_batch_max,
                                          max_tokens=self.embed_max_tokens, normalize=self.normalize,
-                                         abort=self._abort)
+                                         abort=self._abort, pooling=POOLING[self.pooling],
+                                         threads=self.threads, flash_attn=self.flash_attn)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -178,6 +179,8 @@ class Engine:
         return SlotUsage(slots=slots, busy=self.busy)
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         self._batcher = None
         if self._scheduler is not None:
             self._scheduler.close()
