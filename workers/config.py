@@ -75,6 +75,8 @@ class Settings(NatsSettings, BackpressureSettings):
     # HTTP API
     http_queue_limit: int = Field(default=8, ge=0)  # HTTP requests that may wait for a slot; more get 429
     log_prompts_http: bool = False  # show prompts and answers in GET /logs
+    log_prompts: bool = False  # put prompts and answers (first 2000 characters) in the published request events
+    stats_window_s: float = Field(default=60.0, gt=0, le=3600)  # the heartbeat's sliding window (WindowStats)
     api_key: SecretStr = SecretStr("")  # when set, every route but /healthz and /readyz needs it (workers/access.py)
     api_key_file: str = ""  # a file whose contents are the key (a Docker or Kubernetes secret)
 

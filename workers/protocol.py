@@ -81,6 +81,15 @@ def monitoring_subject(kind: Kind, model: str) -> str:
     return f"monitoring.{kind}.{token(model)}"
 
 
+def request_event_subject(model: str) -> str:
+    """Where a worker publishes one RequestEvent per finished request (the monitor's Requests view). Workers
+    publish their own model's; the monitor reads `events.request.*`; clients may do neither."""
+    return f"events.request.{token(model)}"
+
+
+REQUEST_EVENTS = "events.request.*"
+
+
 def cancel_subject(kind: Kind, model: str) -> str:
     """Core subject every instance of a model listens on for `{"req_id": ...}` cancellations of any request
     (an open bus, or operators: the least-privilege example grants it to no client)."""
@@ -346,6 +355,17 @@ class QueueMetrics(_Message):
     slots: SlotUsage | None = None  # the engine's slots and KV cache (None until the model is loaded)
 
 
+class SlotRequest(_Message):
+    """One request in a worker's hands, as llama-server's /slots shows it: what each slot is doing."""
+
+    req_id: str
+    state: Literal["waiting", "prefill", "decode"]  # waiting: admitted, no slot or no KV room yet
+    slot: int | None = None  # the engine's sequence (batched) or context number; None while waiting
+    tokens_in: int = 0  # prompt tokens (0 until counted)
+    tokens_out: int = 0  # generated so far
+    elapsed_ms: float = 0.0  # since the worker started it
+
+
 class SlotUsage(_Message):
     """What a worker's engine holds right now. Batched engine: sequences decoded together and the tokens of its
     shared KV cache (reserved by running requests: prompt + max_tokens each, or kept from finished ones for
@@ -357,11 +377,47 @@ class SlotUsage(_Message):
     kv_tokens: int | None = None  # the KV cache's size in tokens
     kv_reserved: int | None = None  # tokens reserved by running requests
     kv_kept: int | None = None  # tokens kept from finished requests for prefix reuse (given up when needed)
+    requests: list[SlotRequest] = Field(default_factory=list)  # what each busy or waiting slot is doing
+
+
+class WindowStats(_Message):
+    """One worker's requests that finished in the last `window_s` seconds (STATS_WINDOW_S): what users watch.
+    Percentiles are of `ok` requests and None when there are none; rates divide by the window (or by the time
+    since the worker started, if shorter)."""
+
+    window_s: float
+    requests: int = 0  # finished in the window, any status
+    rate_per_s: float = 0.0  # requests / window
+    errors: int = 0  # finished as failed, rejected, expired or dead_letter (cancelled is not an error)
+    error_rate: float = 0.0  # errors / requests; 0.0 when there were none
+    latency_p50_ms: float | None = None  # dur_ms: taken by the worker -> answered
+    latency_p95_ms: float | None = None
+    ttft_p50_ms: float | None = None  # generations: taken -> first token
+    queue_wait_p50_ms: float | None = None  # enqueued -> taken by a worker
+    prefill_p50_ms: float | None = None  # generations: the prompt's share (= time to first token)
+    decode_p50_ms: float | None = None  # generations: first token -> last
+    tokens_out: int = 0  # generated in the window (embeddings: 0)
+    tokens_per_s: float = 0.0  # tokens_out / window: the worker's throughput
+    decode_tokens_per_s: float | None = None  # median per request: tokens_out / decode time (a request's speed)
+    mean_service_ms: float | None = None  # mean dur_ms of ok requests: what expected_wait_s is computed from
+
+
+class HostStats(_Message):
+    """The machine a worker runs on (psutil), in its heartbeat."""
+
+    cpu_percent: float  # all cores, since the last heartbeat
+    memory_percent: float
+    memory_used_mb: float
+    memory_total_mb: float
+    process_rss_mb: float  # this worker process
+    load_1m: float | None = None
+    gpus: list[dict[str, Any]] = Field(default_factory=list)  # name, utilization %, memory used/total MB if any
 
 
 class Backpressure(_Message):
-    level: Level
-    utilization: float
+    level: Level  # from expected_wait_s (protocol.wait_level), critical also when the queue is full
+    utilization: float  # pending / queue capacity
+    expected_wait_s: float | None = None  # what a new request would wait: see protocol.expected_wait
 
 
 class Alert(_Message):
@@ -395,6 +451,34 @@ class Health(_Message):
     # worker_id and ignores heartbeats with another (a forged `stopping`), until that worker has gone quiet.
     instance: str | None = None
     alerts: list[Alert] = Field(default_factory=list)  # the worker's recent warnings, newest last (at most 5)
+    stats: WindowStats | None = None  # the last STATS_WINDOW_S seconds (None from an older worker)
+    host: HostStats | None = None
+
+
+class RequestEvent(_Message):
+    """Published by a worker on request_event_subject when a request finishes, whatever the outcome (the
+    monitor's Requests view, as Celery Flower's task list). No prompt or answer text unless LOG_PROMPTS=1."""
+
+    ts: float  # epoch seconds it finished
+    model_name: str
+    worker_id: str
+    kind: Kind
+    req_id: str
+    source: Literal["nats", "http"] = "nats"
+    status: str  # ok, cancelled, rejected, expired, failed, handed_back, dead_letter (workers/outcome.py)
+    finish_reason: str | None = None
+    error_code: str | None = None  # the error body's type (context_overflow, expired, …) when it ended in one
+    error: str | None = None  # "<status> <type>: <message>" as in the SQLite row
+    latency_ms: float | None = None  # taken by the worker -> answered
+    queue_ms: float = 0.0  # enqueued -> taken
+    ttft_ms: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cached_tokens: int | None = None
+    trace_id: str | None = None
+    instance: str | None = None  # as in Health
+    input: str | None = None  # only with LOG_PROMPTS=1 (first 2000 characters)
+    output: str | None = None  # only with LOG_PROMPTS=1 (first 2000 characters)
 
 
 class BackpressureReport(_Message):
@@ -409,6 +493,34 @@ class BackpressureReport(_Message):
     timestamp: float
     instance: str | None = None  # as in Health: the monitor ignores reports from another instance
     slots: SlotUsage | None = None  # as in Health's queue_metrics
+    expected_wait_s: float | None = None  # as in Health's backpressure_status
+
+
+def expected_wait(pending: int, mean_service_s: float | None, live_slots: int) -> float | None:
+    """What a request queued now would wait before a worker takes it: requests ahead × recent mean service time
+    ÷ slots of the model's live workers. None when nothing was served recently (no service time to go by) and
+    0.0 when nothing waits."""
+    if pending <= 0:
+        return 0.0
+    if mean_service_s is None or live_slots <= 0:
+        return None
+    return round(pending * mean_service_s / live_slots, 3)
+
+
+def wait_level(expected_wait_s: float | None, utilization: float, warning_s: float = 10.0,
+               critical_s: float = 60.0) -> Level:
+    """THE level of a model's queue: by the expected wait (BACKPRESSURE_WAIT_WARNING_S / _CRITICAL_S); a full
+    queue (utilization ≥ 1: new requests are refused) is critical whatever the wait. Without a wait estimate
+    (nothing served lately) the capacity fraction decides, as backpressure_level."""
+    if utilization >= 1.0:
+        return "critical"
+    if expected_wait_s is None:
+        return backpressure_level(utilization)
+    if expected_wait_s >= critical_s:
+        return "critical"
+    if expected_wait_s >= warning_s:
+        return "warning"
+    return "healthy"
 
 
 def backpressure_level(utilization: float, warning: float = 0.5, critical: float = 0.8) -> Level:

@@ -238,11 +238,17 @@ class BackpressureSettings(BaseSettings):
 
     backpressure_warning: float = Field(default=0.5, gt=0, description="from here the level is `warning`")
     backpressure_critical: float = Field(default=0.8, gt=0, description="from here the level is `critical`")
+    # The level is the expected wait of a new request (protocol.wait_level); the capacity fractions above decide
+    # only while nothing was served recently (no service time to estimate a wait from).
+    backpressure_wait_warning_s: float = Field(default=10.0, gt=0, description="expected wait from which `warning`")
+    backpressure_wait_critical_s: float = Field(default=60.0, gt=0, description="expected wait from which `critical`")
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:
         if self.backpressure_warning >= self.backpressure_critical:
             raise ValueError("BACKPRESSURE_WARNING must be below BACKPRESSURE_CRITICAL")
+        if self.backpressure_wait_warning_s >= self.backpressure_wait_critical_s:
+            raise ValueError("BACKPRESSURE_WAIT_WARNING_S must be below BACKPRESSURE_WAIT_CRITICAL_S")
         return self
 
 
