@@ -32,8 +32,9 @@ class MonitorSettings(NatsSettings):
     # registry
     purge_after: float = Field(default=3600.0, gt=0)  # seconds after it was last heard that an instance is dropped
     monitor_max_instances: int = Field(default=1000, ge=1)
-    monitor_history_len: int = Field(default=120, ge=2)  # samples per model for the sparklines
+    monitor_history_len: int = Field(default=300, ge=2)  # samples per model for the charts (10 min at 2 s)
     monitor_history_interval: float = Field(default=2.0, gt=0)  # seconds between samples
+    monitor_requests_max: int = Field(default=500, ge=1, le=100_000)  # finished requests kept for the Requests view
     monitor_default_interval: float = Field(default=10.0, gt=0)  # when a body announces no interval
     # A heartbeat due at exactly 1x the interval arrives a little late; this share of the interval keeps
     # healthy workers from flickering to `stale` on every beat.

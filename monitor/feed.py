@@ -6,6 +6,9 @@ group), so a running fleet is in the registry well within a second of the monito
 MONITOR_SWEEP_INTERVAL and after each reconnect; between sweeps, heartbeats and reports keep the picture fresh.
 A new instance first heard by heartbeat brings the next sweep forward (at most one per MONITOR_CONFIRM_INTERVAL),
 so a worker that starts after the monitor is confirmed by its health reply within seconds.
+
+What heartbeats and reports change goes to the SSE listeners right away (coalesced over PUSH_DELAY), not at the
+next tick; each request event (`events.request.*`, the Requests view) at once.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from workers import discovery
+from workers import protocol as p
 from workers.connection import NatsRefused, NatsUnavailable, connect
 
 from .config import MonitorSettings
 from .registry import Registry, decode_health, decode_report
+from .request_log import decode_request_event
 
 __all__ = ["Feed", "NatsRefused", "NatsUnavailable", "login_refused"]
 
 log = logging.getLogger(__name__)
 HEARTBEATS = "models.*.heartbeat"
 REPORTS = "monitoring.*.*"
+PUSH_DELAY = 0.05  # input that arrives together (a burst of reports) goes out as one push per model
 
 
 class Feed:
@@ -39,6 +45,7 @@ class Feed:
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_up: asyncio.Task[None] | None = None
         self._swept_at = 0.0  # monotonic start of the last sweep
+        self._push: asyncio.TimerHandle | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -64,6 +71,7 @@ class Feed:
             raise RuntimeError("Feed.start() before Feed.connect()")
         await self.nc.subscribe(HEARTBEATS, cb=self._on_heartbeat)
         await self.nc.subscribe(REPORTS, cb=self._on_report)
+        await self.nc.subscribe(p.REQUEST_EVENTS, cb=self._on_request)
         await self.nc.flush()
         await self.sweep()
         self.registry.tick()
@@ -84,6 +92,8 @@ class Feed:
         await self.start()
 
     async def close(self) -> None:
+        if self._push is not None:
+            self._push.cancel()
         tasks = [*self._tasks, *([self._catch_up] if self._catch_up else [])]
         for t in tasks:
             t.cancel()
@@ -149,6 +159,15 @@ class Feed:
             return
         self.registry.counters["heartbeats" if source == "heartbeat" else "health_replies"] += 1
         self.registry.observe_health(health, confirmed=source == "health")
+        self._push_soon()
+
+    def _push_soon(self) -> None:
+        if self._push is None:
+            self._push = asyncio.get_running_loop().call_later(PUSH_DELAY, self._push_now)
+
+    def _push_now(self) -> None:
+        self._push = None
+        self.registry.flush()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         self._observe_health(msg.data, "heartbeat")
@@ -163,6 +182,18 @@ class Feed:
             return
         self.registry.counters["reports"] += 1
         self.registry.observe_report(report)
+        self._push_soon()
+
+    async def _on_request(self, msg: Msg) -> None:
+        if self._too_big(msg.data):
+            return
+        try:
+            event = decode_request_event(msg.data)
+        except (ValueError, ValidationError):
+            self.registry.counters["invalid"] += 1
+            return
+        self.registry.counters["request_events"] += 1
+        self.registry.observe_request(event)
 
 
 async def login_refused(settings: MonitorSettings, timeout: float = 2.0) -> str | None:

@@ -35,6 +35,13 @@ class FleetCollector(Collector):
                                       labels=["model"])
         failed = GaugeMetricFamily("fleet_requests_failed", "Requests failed by the listed instances",
                                    labels=["model"])
+        wait = GaugeMetricFamily("fleet_expected_wait_seconds", "What a request queued now would wait (the largest "
+                                 "over the live instances)", labels=["model"])
+        window = {name: GaugeMetricFamily(f"fleet_window_{name}", help_, labels=["model"]) for name, help_ in (
+            ("latency_p50_ms", "Median latency over the workers' stats window (median of the instances')"),
+            ("latency_p95_ms", "95th percentile latency over the stats window (the largest instance's)"),
+            ("tokens_per_second", "Tokens generated per second over the stats window"),
+            ("error_rate", "Errors / requests over the stats window"))}
         for s in services:
             name, qm, bp = s.model_name, s.queue_metrics, s.backpressure_status
             counts = dict.fromkeys(STATUS_ORDER, 0)
@@ -52,7 +59,15 @@ class FleetCollector(Collector):
                 rate.add_metric([name], s.requests_per_s)
             processed.add_metric([name], qm.total_processed)
             failed.add_metric([name], qm.total_failed)
-        yield from (instances, pending, capacity, utilization, level, active, rate, processed, failed)
+            if bp.expected_wait_s is not None:
+                wait.add_metric([name], bp.expected_wait_s)
+            if (st := s.stats) is not None:
+                for key, value in (("latency_p50_ms", st.latency_p50_ms), ("latency_p95_ms", st.latency_p95_ms),
+                                   ("tokens_per_second", st.tokens_per_s), ("error_rate", st.error_rate)):
+                    if value is not None:
+                        window[key].add_metric([name], value)
+        yield from (instances, pending, capacity, utilization, level, active, rate, processed, failed, wait,
+                    *window.values())
 
         stats = self.registry.stats()
         yield GaugeMetricFamily("fleet_models", "Models known to the monitor", value=stats.models)
@@ -61,6 +76,7 @@ class FleetCollector(Collector):
                                 value=1 if self.registry.nats_connected else 0)
         messages = CounterMetricFamily("monitor_messages", "Messages the monitor took in", labels=["kind"])
         for kind, n in (("heartbeats", stats.heartbeats), ("reports", stats.reports),
+                        ("request_events", stats.request_events),
                         ("health_replies", stats.health_replies), ("invalid", stats.invalid),
                         ("oversized", stats.oversized), ("foreign", stats.foreign)):
             messages.add_metric([kind], n)

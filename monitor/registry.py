@@ -12,8 +12,10 @@ on the way in (clean.py); a worker_id is held by the first `instance` token hear
 token are ignored until that instance has gone quiet (a forged `stopping` cannot take a running worker off the
 board); and the instance cap evicts instances no health reply has confirmed before any confirmed one.
 
-What the views get out of it are the shapes in shapes.py. The clock is injectable (`clock=`, or `now=` per
-call), so tests drive liveness on a synthetic one; wall-clock times are only ever shown, never judged on.
+Request events (`events.request.*`) go into a bounded log of the last MONITOR_REQUESTS_MAX (request_log.py) and
+out to every SSE listener at once. What the views get out of it are the shapes in shapes.py. The clock is
+injectable (`clock=`, or `now=` per call), so tests drive liveness on a synthetic one; wall-clock times are only
+ever shown, never judged on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from workers import protocol as p
 
 from . import clean
 from .config import MonitorSettings
+from .request_log import RequestLog
 from .shapes import (
     AlertEntry,
     Event,
@@ -39,15 +42,18 @@ from .shapes import (
     Liveness,
     NatsChange,
     Pressure,
+    RequestEntry,
     ServiceEntry,
     ServiceQueue,
     ServiceRemoved,
+    SlotEntry,
     Slots,
     Snapshot,
     Stats,
     StatusChange,
     WorkerAlert,
 )
+from .window import instance_window, model_window
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,9 @@ class Instance:
     level: p.Level
     data_at: float  # monotonic time of those numbers
     slots: p.SlotUsage | None  # the engine's slots and KV cache, as fresh as those numbers
+    wait_s: float | None  # expected wait reported with those numbers
+    health_at: float  # monotonic time of the last heartbeat or health reply (uptime counts from it)
+    uptime_max: float = 0.0  # the longest uptime shown so far: it never goes backwards for one process
     rps: float | None = None  # unknown until two bodies at least a second apart
     rate_mark: tuple[float, int] | None = None  # (monotonic, total_processed) the rate is measured from
     confirmed: bool = False  # a health reply came from it: a live worker, not just a heartbeat anyone could send
@@ -110,7 +119,9 @@ class Model:
     name: str
     first_seen: float
     workers: set[str] = field(default_factory=set)
-    history: deque[tuple[float, int, float]] = field(default_factory=deque)  # (wall time, depth, req/s)
+    # (wall time, depth, req/s, tokens/s, p50 ms, p95 ms)
+    history: deque[tuple[float, int, float, float | None, float | None, float | None]] = field(
+        default_factory=deque)
 
 
 @dataclass(slots=True)
@@ -138,9 +149,10 @@ class Registry:
         self.instances: dict[str, Instance] = {}
         self.models: dict[str, Model] = {}
         self.listeners: set[Listener] = set()
+        self.requests = RequestLog(settings.monitor_requests_max)
         self.nats_connected = False
-        self.counters = {"heartbeats": 0, "reports": 0, "health_replies": 0, "invalid": 0, "oversized": 0,
-                         "foreign": 0, "evicted": 0, "purged": 0}
+        self.counters = {"heartbeats": 0, "reports": 0, "request_events": 0, "health_replies": 0, "invalid": 0,
+                         "oversized": 0, "foreign": 0, "evicted": 0, "purged": 0}
         self.unconfirmed_arrived = False  # a new instance came by heartbeat: the feed sweeps early to confirm it
         self._dirty: set[str] = set()
         self._last_sample = 0.0
@@ -167,20 +179,23 @@ class Registry:
         if inst is None:
             self._make_room()
             inst = Instance(h, wall, wall, now, self._liveness(h, 0.0), qm.pending_messages, qm.active_processing,
-                            qm.queue_capacity, h.backpressure_status.level, now, qm.slots)
+                            qm.queue_capacity, h.backpressure_status.level, now, qm.slots,
+                            h.backpressure_status.expected_wait_s, now)
             self.instances[h.worker_id] = inst
             self.unconfirmed_arrived |= not confirmed
         else:
             if inst.health.model_name != h.model_name:
                 self._detach(h.worker_id, inst.health.model_name)
-            if h.instance != inst.health.instance:  # another process took the id over: start its record afresh
+            if h.instance != inst.health.instance or h.started_at != inst.health.started_at:
+                # another process took the id over: start its record afresh
                 inst.confirmed = inst.foreign_logged = False
+                inst.uptime_max = 0.0
         self._attach(h.worker_id, h.model_name, wall)
-        inst.health, inst.last_seen, inst.seen_at = h, wall, now
+        inst.health, inst.last_seen, inst.seen_at, inst.health_at = h, wall, now, now
         inst.confirmed |= confirmed
         if now >= inst.data_at:
             inst.pending, inst.active, inst.capacity = qm.pending_messages, qm.active_processing, qm.queue_capacity
-            inst.slots = qm.slots
+            inst.slots, inst.wait_s = qm.slots, h.backpressure_status.expected_wait_s
             inst.level, inst.data_at = h.backpressure_status.level, now
         self._measure_rate(inst, now)
         if new:
@@ -200,11 +215,22 @@ class Registry:
             return
         inst.pending, inst.active, inst.capacity, inst.level = (r.pending_messages, r.active_processing,
                                                                 r.queue_capacity, r.status)
-        inst.slots = r.slots
+        inst.slots, inst.wait_s = r.slots, r.expected_wait_s
         inst.data_at = inst.seen_at = now
         inst.last_seen = time.time()
         self._set_status(inst, self._liveness(inst.health, 0.0))
         self._dirty.add(r.model_name)
+
+    def observe_request(self, ev: p.RequestEvent) -> RequestEntry | None:
+        """A finished request (already cleaned: request_log.decode_request_event) into the Requests view, pushed
+        to every listener at once; None if it comes from another process than the one holding its worker_id."""
+        inst = self.instances.get(ev.worker_id)
+        if inst is not None and inst.health.instance and ev.instance != inst.health.instance:
+            self.counters["foreign"] += 1
+            return None
+        item = self.requests.add(ev)
+        self._emit(item)
+        return item
 
     # --- time ---------------------------------------------------------------------------------
 
@@ -224,8 +250,17 @@ class Registry:
             wall = time.time()
             for m in self.models.values():
                 g = self._group(m)
-                m.history.append((wall, g.freshest.pending, g.rps or 0.0))
+                w = model_window([i.health.stats for i in g.live if i.health.stats is not None])
+                rps = g.rps if g.rps is not None else w.rate_per_s if w else 0.0
+                m.history.append((wall, g.freshest.pending, rps, w.tokens_per_s if w else None,
+                                  w.latency_p50_ms if w else None, w.latency_p95_ms if w else None))
                 self._dirty.add(m.name)
+        self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Push the entries of the models that changed since the last push (the feed calls this right after
+        input, so a changed queue reaches the dashboard without waiting for the next tick)."""
+        now = self._now(now)
         for name in self._dirty if self.listeners else ():  # entries are built only for someone to read
             if (changed := self.models.get(name)) is not None:
                 self._emit(self._entry(changed, now))
@@ -244,7 +279,12 @@ class Registry:
         return self._entry(m, self._now(now)) if m else None
 
     def snapshot(self, now: float | None = None) -> Snapshot:
-        return Snapshot(at=time.time(), nats_connected=self.nats_connected, services=self.services(now))
+        return Snapshot(at=time.time(), nats_connected=self.nats_connected, services=self.services(now),
+                        requests=self.requests.select(newest_first=False))
+
+    def history(self) -> dict[str, History]:
+        """Every model's chart samples, by name."""
+        return {m.name: _history(m) for m in sorted(self.models.values(), key=lambda m: m.name)}
 
     def stats(self) -> Stats:
         """Counters for /metrics and /healthz."""
@@ -355,6 +395,7 @@ class Registry:
     def _entry(self, m: Model, now: float) -> ServiceEntry:
         g = self._group(m)
         fresh = g.freshest
+        waits = [i.wait_s for i in g.live if i.wait_s is not None]
         newest = max(g.instances, key=lambda i: i.seen_at).health  # descriptive fields from the latest body
         processed = [i.health.queue_metrics.last_processed_at for i in g.instances]
         return ServiceEntry(
@@ -375,9 +416,10 @@ class Registry:
                 total_failed=sum(i.health.queue_metrics.total_failed for i in g.instances),
                 last_processed_at=max((t for t in processed if t is not None), default=None),
             ),
-            backpressure_status=_pressure(fresh),
+            backpressure_status=_pressure(fresh, max(waits) if waits else None),
             slots=_slots([i.slots for i in g.live if i.slots is not None]),
             requests_per_s=g.rps,
+            stats=model_window([i.health.stats for i in g.live if i.health.stats is not None]),
             first_seen=m.first_seen,
             last_seen=max(i.last_seen for i in g.instances),
             uptime=round(max((self._uptime(i, now) for i in g.live), default=0.0), 1),
@@ -386,12 +428,15 @@ class Registry:
             instances=[self._instance(i, now) for i in sorted(g.instances, key=lambda i: i.health.worker_id)],
             alerts=sorted((WorkerAlert(worker_id=i.health.worker_id, **a.model_dump()) for i in g.instances
                            for a in i.health.alerts), key=lambda a: a.ts)[-SERVICE_ALERTS:],
-            history=History(t=[round(t, 1) for t, _, _ in m.history], queue_depth=[d for _, d, _ in m.history],
-                            requests_per_s=[r for _, _, r in m.history]),
+            history=_history(m),
         )
 
     def _uptime(self, inst: Instance, now: float) -> float:
-        return inst.health.uptime_s + (now - inst.seen_at if inst.status in LIVE else 0.0)
+        """Its reported uptime plus the time since that body while it is live; never less than shown before
+        (reports between heartbeats, and heartbeats that took a while to arrive, used to pull it back)."""
+        if inst.status in LIVE:
+            inst.uptime_max = max(inst.uptime_max, inst.health.uptime_s + max(0.0, now - inst.health_at))
+        return max(inst.uptime_max, inst.health.uptime_s)
 
     def _instance(self, inst: Instance, now: float) -> InstanceEntry:
         h, qm = inst.health, inst.health.queue_metrics
@@ -403,17 +448,28 @@ class Registry:
             queue_metrics=InstanceQueue(pending_messages=inst.pending, active_processing=inst.active,
                                         queue_capacity=qm.queue_capacity, total_processed=qm.total_processed,
                                         total_failed=qm.total_failed, last_processed_at=qm.last_processed_at),
-            backpressure_status=_pressure(inst),
+            backpressure_status=_pressure(inst, inst.wait_s),
             slots=_slots([inst.slots] if inst.slots is not None else []),
             requests_per_s=inst.rps,
+            stats=instance_window(h.stats) if h.stats is not None else None,
+            host=h.host,
+            slot_requests=[SlotEntry(**r.model_dump()) for r in inst.slots.requests] if inst.slots else [],
             confirmed=inst.confirmed,
             alerts=[AlertEntry(**a.model_dump()) for a in h.alerts],
         )
 
 
-def _pressure(inst: Instance) -> Pressure:
-    """The level `inst` reported with its queue numbers, and the utilization they make."""
-    return Pressure(level=inst.level, utilization=round(inst.pending / inst.capacity, 4) if inst.capacity else 0.0)
+def _pressure(inst: Instance, wait_s: float | None) -> Pressure:
+    """The level `inst` reported with its queue numbers, the utilization they make, and the expected wait."""
+    return Pressure(level=inst.level, utilization=round(inst.pending / inst.capacity, 4) if inst.capacity else 0.0,
+                    expected_wait_s=wait_s)
+
+
+def _history(m: Model) -> History:
+    h = m.history
+    return History(t=[round(x[0], 1) for x in h], queue_depth=[x[1] for x in h], requests_per_s=[x[2] for x in h],
+                   tokens_per_s=[x[3] for x in h], latency_p50_ms=[x[4] for x in h],
+                   latency_p95_ms=[x[5] for x in h])
 
 
 def _slots(usages: list[p.SlotUsage]) -> Slots | None:

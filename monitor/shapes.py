@@ -32,6 +32,10 @@ class Pressure(_Shape):
     """The level the worker reported with these numbers (the same mapping as `protocol.backpressure_level`)."""
     utilization: float
     """pending_messages / queue_capacity, rounded to 4 places; 0.0 while the capacity is 0."""
+    expected_wait_s: float | None = None
+    """What a request queued now would wait, seconds (`protocol.expected_wait`), as the worker reported it with
+    these numbers; a model's is the largest over its live instances. Null from older workers, and while nothing
+    was served recently."""
 
 
 class InstanceQueue(_Shape):
@@ -90,15 +94,119 @@ class Slots(_Shape):
 
 
 class History(_Shape):
-    """The model's sparkline samples, oldest first: one every MONITOR_HISTORY_INTERVAL, at most
-    MONITOR_HISTORY_LEN; the three lists have the same length."""
+    """The model's chart samples, oldest first: one every MONITOR_HISTORY_INTERVAL, at most MONITOR_HISTORY_LEN
+    (by default 300 every 2 s: the last 10 minutes); all lists have the same length."""
 
     t: list[float]
     """Epoch seconds of each sample (1 decimal)."""
     queue_depth: list[int]
     """`queue_metrics.pending_messages` at each sample."""
     requests_per_s: list[float]
-    """`requests_per_s` at each sample, 0.0 while unknown."""
+    """`requests_per_s` at each sample; the live instances' summed `stats.rate_per_s` while that is unknown
+    (0.0 without either)."""
+    tokens_per_s: list[float | None] = []
+    """`stats.tokens_per_s` at each sample; null where no instance reported window stats."""
+    latency_p50_ms: list[float | None] = []
+    """`stats.latency_p50_ms` at each sample; null where unknown."""
+    latency_p95_ms: list[float | None] = []
+    """`stats.latency_p95_ms` at each sample; null where unknown."""
+
+
+class WindowEntry(_Shape):
+    """What users watch, over the workers' last STATS_WINDOW_S seconds (`protocol.WindowStats`). An instance's is
+    what its last heartbeat carried; a model's combines its live instances' as follows: counts and rates
+    (`requests`, `rate_per_s`, `errors`, `tokens_out`, `tokens_per_s`) are summed; `error_rate` is the summed
+    errors / summed requests; `latency_p95_ms` is the largest instance p95 (a bound, not a fleet percentile); the
+    p50s are the median of the instances' p50s (of an even count, the mean of the middle two), as the monitor has
+    no raw samples to merge. A percentile is null where no instance reports one."""
+
+    window_s: float
+    """The window's length, seconds (a model's: the longest of its instances')."""
+    instances: int
+    """How many instances these numbers come from (1 for an instance's own)."""
+    requests: int
+    """Requests finished in the window, any status."""
+    rate_per_s: float
+    """Requests finished per second over the window."""
+    errors: int
+    """Requests that ended failed, rejected, expired or dead-lettered (cancelled is not an error)."""
+    error_rate: float
+    """errors / requests (0.0 without requests), 4 places."""
+    latency_p50_ms: float | None
+    """Median time from taken by a worker to answered, of ok requests."""
+    latency_p95_ms: float | None
+    """95th percentile of the same."""
+    ttft_p50_ms: float | None
+    """Median time to the first token (generations)."""
+    queue_wait_p50_ms: float | None
+    """Median time from enqueued to taken by a worker."""
+    tokens_out: int
+    """Tokens generated in the window."""
+    tokens_per_s: float
+    """tokens_out / window: throughput."""
+    decode_tokens_per_s: float | None
+    """Median decode speed of one request, tokens per second."""
+
+
+class SlotEntry(_Shape):
+    """One request in an instance's hands, as llama-server's /slots shows it (`protocol.SlotRequest`)."""
+
+    req_id: str
+    """The request."""
+    state: Literal["waiting", "prefill", "decode"]
+    """`waiting` (admitted, no slot or no KV room yet), `prefill` (reading the prompt) or `decode`."""
+    slot: int | None
+    """The engine's sequence or context number; null while waiting."""
+    tokens_in: int
+    """Prompt tokens (0 until counted)."""
+    tokens_out: int
+    """Tokens generated so far."""
+    elapsed_ms: float
+    """Since the worker started it."""
+
+
+class RequestEntry(_Shape):
+    """The `request` event and an item of `GET /api/requests`: one finished request (`protocol.RequestEvent`),
+    its strings cleaned and bounded (names 256 characters, error text 1,024, input and output 2,000)."""
+
+    event: ClassVar[str] = "request"
+
+    ts: float
+    """Epoch seconds it finished, as the worker says."""
+    model_name: str
+    """The model that served it."""
+    worker_id: str
+    """The instance that served it."""
+    kind: p.Kind
+    """`inference` or `embedding`."""
+    req_id: str
+    """The request's id."""
+    source: Literal["nats", "http"]
+    """How it came in."""
+    status: str
+    """ok, cancelled, rejected, expired, failed, handed_back or dead_letter."""
+    finish_reason: str | None
+    """stop, length, error or cancelled (generations)."""
+    error_code: str | None
+    """The error's type (context_overflow, expired, ...) when it ended in one."""
+    error: str | None
+    """`<status> <type>: <message>` as in the worker's SQLite row."""
+    latency_ms: float | None
+    """Taken by the worker -> answered."""
+    queue_ms: float
+    """Enqueued -> taken."""
+    ttft_ms: float | None
+    """Taken -> first token (generations)."""
+    tokens_in: int
+    """Prompt tokens."""
+    tokens_out: int
+    """Tokens generated."""
+    trace_id: str | None
+    """The caller's trace id, if it sent one."""
+    input: str | None
+    """The prompt's first 2,000 characters, only from a worker with LOG_PROMPTS=1."""
+    output: str | None
+    """The answer's first 2,000 characters, only from a worker with LOG_PROMPTS=1."""
 
 
 class AlertEntry(_Shape):
@@ -158,6 +266,13 @@ class InstanceEntry(_Shape):
     requests_per_s: float | None
     """Requests finished per second, from the change in total_processed between bodies at least a second
     apart; null until there are two."""
+    stats: WindowEntry | None
+    """Its last STATS_WINDOW_S seconds from its last heartbeat; null from workers older than the field."""
+    host: p.HostStats | None
+    """Its machine's CPU, memory (and GPUs) from its last heartbeat; null from workers older than the field."""
+    slot_requests: list[SlotEntry]
+    """What each busy or waiting slot is doing (llama-server's /slots), as fresh as `slots`; empty when idle
+    and from workers older than the field."""
     confirmed: bool
     """Whether it has answered one of the monitor's health requests (a live worker on the bus, not only a
     heartbeat, which anyone may publish): MONITOR_MAX_INSTANCES evicts unconfirmed instances first."""
@@ -197,6 +312,8 @@ class ServiceEntry(_Shape):
     """Slots and KV cache summed over the live instances that report them; null if none does."""
     requests_per_s: float | None
     """Requests finished per second, summed over the live instances whose rate is known; null if none is."""
+    stats: WindowEntry | None
+    """The live instances' window stats combined (how: see WindowEntry); null if none reports them."""
     first_seen: float
     """Epoch seconds the monitor first heard of the model (anew, if all its instances were once forgotten)."""
     last_seen: float
@@ -225,6 +342,9 @@ class Snapshot(_Shape):
     """Whether the monitor is connected to NATS right now."""
     services: list[ServiceEntry]
     """Every model, sorted by name, as `GET /api/services` lists them."""
+    requests: list[RequestEntry]
+    """The last finished requests across the fleet (at most MONITOR_REQUESTS_MAX), oldest first, as
+    `GET /api/requests` lists them; each new one follows as a `request` event."""
 
 
 class StatusChange(_Shape):
@@ -272,7 +392,7 @@ class NatsChange(_Shape):
 
 
 # What an SSE listener receives after its snapshot; each shape names its event in `event`.
-Event = ServiceEntry | StatusChange | ServiceRemoved | NatsChange
+Event = ServiceEntry | StatusChange | ServiceRemoved | NatsChange | RequestEntry
 
 
 class Stats(_Shape):
@@ -282,6 +402,8 @@ class Stats(_Shape):
     """Heartbeats taken in."""
     reports: int
     """Backpressure reports taken in."""
+    request_events: int
+    """Request events (`events.request.*`) taken in."""
     health_replies: int
     """Health replies taken in (discovery sweeps)."""
     invalid: int

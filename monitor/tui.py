@@ -1,7 +1,9 @@
 """The terminal view: a live, htop-like table of the fleet (Rich), read straight from NATS.
 
-`python -m monitor tui` runs full screen until `q`; the sort keys are shown in the footer. `--once` sweeps,
-prints one table and exits. Neither needs the web server: they run the same registry and feed in-process.
+`python -m monitor tui` runs full screen until `q`; the sort keys are shown in the footer. Each model's row has
+its instances under it (`└ worker`), with the window stats the workers send (p50/p95 latency, tokens/s, expected
+wait, error rate; a dash from older workers), and the newest finished requests follow the table. `--once`
+sweeps, prints one table and exits. Neither needs the web server: they run the same registry and feed in-process.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from workers.settings import redact
 from .config import MonitorSettings
 from .feed import Feed, NatsUnavailable
 from .registry import STATUS_ORDER, Registry
-from .shapes import Liveness, ServiceEntry, Slots
+from .shapes import InstanceEntry, Liveness, RequestEntry, ServiceEntry, Slots, WindowEntry
 
 STATUS_STYLE: dict[Liveness, str] = {"online": "green", "draining": "cyan", "starting": "cyan", "stale": "yellow",
                                      "offline": "red"}
 LEVEL_STYLE: dict[p.Level, str] = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
+REQUEST_ROWS = 8  # newest finished requests under the table
 LEVEL_ORDER: dict[p.Level, int] = {"healthy": 0, "warning": 1, "critical": 2}
 # key -> (column label, sort key); pressing the same key again reverses the order
 SORTS: dict[str, tuple[str, Callable[[ServiceEntry], str | float]]] = {
@@ -63,6 +66,32 @@ def slot_text(u: Slots | None) -> Text:
     return out
 
 
+def ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.0f}ms" if v < 1000 else f"{v / 1000:.1f}s"
+
+
+def latency(w: WindowEntry | None) -> Text:
+    return Text("–" if w is None else f"{ms(w.latency_p50_ms)}/{ms(w.latency_p95_ms)}")
+
+
+def tokens(w: WindowEntry | None) -> Text:
+    return Text("–" if w is None else f"{w.tokens_per_s:.1f}")
+
+
+def wait(s: float | None) -> Text:
+    if s is None:
+        return Text("–")
+    return Text(f"{s:.1f}s" if s < 60 else duration(s), style="yellow" if s >= 10 else "")
+
+
+def errors(w: WindowEntry | None) -> Text:
+    if w is None:
+        return Text("–")
+    return Text(f"{w.error_rate:.0%}", style="red" if w.errors else "")
+
+
 def ago(t: float | None) -> str:
     if not t:
         return "never"
@@ -84,11 +113,11 @@ def table(services: list[ServiceEntry], sort: str = "m", reverse: bool = False, 
     """The fleet as one row per model (rows are Text, so wire strings never act as Rich markup)."""
     label, key = SORTS.get(sort, SORTS["m"])
     t = Table(expand=expand, header_style="bold", pad_edge=False, box=None, row_styles=["", "on grey11"])
-    for col in ("model", "kind", "inst", "status", "queue", "level", "slots", "req/s", "done", "failed", "last seen",
-                "up"):
+    for col in ("model", "kind", "inst", "status", "queue", "level", "slots", "req/s", "p50/p95", "tok/s", "wait",
+                "err", "done", "failed", "last seen", "up"):
         mark = (" ▲" if reverse else " ▼") if col == label else ""
-        t.add_column(col + mark, no_wrap=col != "model",
-                     justify="right" if col in ("inst", "req/s", "done", "failed") else "left")
+        t.add_column(col + mark, no_wrap=col != "model", justify="right" if col in (
+            "inst", "req/s", "p50/p95", "tok/s", "wait", "err", "done", "failed") else "left")
     for s in sorted(services, key=key, reverse=reverse):
         q, bp = s.queue_metrics, s.backpressure_status
         t.add_row(
@@ -99,9 +128,39 @@ def table(services: list[ServiceEntry], sort: str = "m", reverse: bool = False, 
             Text(bp.level, style=LEVEL_STYLE[bp.level]),
             slot_text(s.slots),
             Text("–" if s.requests_per_s is None else f"{s.requests_per_s:.2f}"),
+            latency(s.stats), tokens(s.stats), wait(bp.expected_wait_s), errors(s.stats),
             Text(str(q.total_processed)), Text(str(q.total_failed)),
             Text(ago(s.last_seen)), Text(duration(s.uptime)),
         )
+        for i in s.instances:
+            t.add_row(*instance_row(i), style="grey70")
+    return t
+
+
+def instance_row(i: InstanceEntry) -> list[Text]:
+    """An instance under its model: the same columns, its own numbers (kind, inst and queue stay blank)."""
+    q = i.queue_metrics
+    return [Text(f" └ {i.worker_id}", overflow="ellipsis"), Text(""), Text(""),
+            Text(i.status, style=STATUS_STYLE[i.status]), Text(""), Text(i.backpressure_status.level),
+            slot_text(i.slots), Text("–" if i.requests_per_s is None else f"{i.requests_per_s:.2f}"),
+            latency(i.stats), tokens(i.stats), wait(i.backpressure_status.expected_wait_s), errors(i.stats),
+            Text(str(q.total_processed)), Text(str(q.total_failed)), Text(ago(i.last_seen)),
+            Text(duration(i.uptime))]
+
+
+def requests_table(items: list[RequestEntry]) -> Table:
+    """The newest finished requests (Flower's task list), newest first: the dashboard's Requests columns."""
+    t = Table(title="requests", title_justify="left", title_style="bold", header_style="bold", box=None,
+              pad_edge=False)
+    for col in ("time", "model", "worker", "request", "status", "latency", "tokens in/out", "error"):
+        t.add_column(col, no_wrap=True, justify="right" if col in ("latency", "tokens in/out") else "left",
+                     overflow="ellipsis", max_width=40 if col in ("model", "worker", "request") else None)
+    for r in items:
+        t.add_row(Text(time.strftime("%H:%M:%S", time.localtime(r.ts))), Text(r.model_name), Text(r.worker_id),
+                  Text(r.req_id),
+                  Text(r.status, style="green" if r.status == "ok" else "yellow" if r.status in (
+                      "cancelled", "expired", "rejected", "handed_back") else "red"),
+                  Text(ms(r.latency_ms)), Text(f"{r.tokens_in}/{r.tokens_out}"), Text(r.error_code or ""))
     return t
 
 
@@ -132,7 +191,10 @@ def screen(registry: Registry, settings: MonitorSettings, sort: str, reverse: bo
     keys = "  ".join(f"{k} {label}" for k, (label, _) in SORTS.items())
     foot = Text(f"sort: {keys}  (again: reverse)   q quit", style="grey62")
     warned = alerts(services)
-    return Group(head, Text(""), body, Text(""), *((warned, Text("")) if warned else ()), foot)
+    recent = registry.requests.select(limit=REQUEST_ROWS)
+    done: Table | Text = requests_table(recent) if recent else Text(
+        "no requests finished since the monitor started", style="grey62")
+    return Group(head, Text(""), body, Text(""), *((warned, Text("")) if warned else ()), done, Text(""), foot)
 
 
 async def snapshot(settings: MonitorSettings) -> Registry:
@@ -160,6 +222,8 @@ def once(settings: MonitorSettings, console: Console | None = None) -> int:
         console.print(table(services, expand=False))
         if warned := alerts(services):
             console.print(warned)
+        if recent := registry.requests.select(limit=REQUEST_ROWS):
+            console.print(requests_table(recent))
     else:
         console.print(f"no workers answered at {redact(settings.nats_url)}", markup=False)
     return 0

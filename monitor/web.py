@@ -1,8 +1,9 @@
 """The monitor's HTTP side (Starlette): REST, server-sent events, Prometheus gauges and the dashboard.
 
-Read-only by design: no endpoint changes a worker. With MONITOR_TOKEN set, everything but /healthz asks for
-the token, as `Authorization: Bearer <token>` or the cookie the login form sets; wrong tokens are answered
-ever more slowly per client address (throttle.py).
+Read-only by design: no endpoint changes a worker. `GET /api/requests?model=&status=&limit=` lists the last
+finished requests, newest first; `GET /api/history` every model's chart samples. With MONITOR_TOKEN set,
+everything but /healthz asks for the token, as `Authorization: Bearer <token>` or the cookie the login form sets;
+wrong tokens are answered ever more slowly per client address (throttle.py).
 """
 
 from __future__ import annotations
@@ -126,6 +127,19 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None, *, f
             return JSONResponse({"error": f"no model named {model!r} is known; known: {known}"}, status_code=404)
         return JSONResponse(entry.model_dump(mode="json"), headers=SECURITY)
 
+    async def requests(request: Request) -> Response:
+        q = request.query_params
+        limit = q.get("limit", str(settings.monitor_requests_max))
+        if not limit.isdigit() or int(limit) < 1:
+            return JSONResponse({"error": "limit is a whole number of 1 or more (the monitor keeps the last "
+                                 f"{settings.monitor_requests_max}, MONITOR_REQUESTS_MAX)"}, status_code=400,
+                                headers=SECURITY)
+        found = reg.requests.select(q.get("model") or None, q.get("status") or None, int(limit))
+        return JSONResponse([r.model_dump(mode="json") for r in found], headers=SECURITY)
+
+    async def history(_: Request) -> Response:
+        return JSONResponse({name: h.model_dump(mode="json") for name, h in reg.history().items()}, headers=SECURITY)
+
     async def events(_: Request) -> Response:
         return EventSourceResponse(_stream(reg), ping=settings.monitor_sse_ping, send_timeout=10,
                                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -158,6 +172,8 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None, *, f
         Route("/login", login, methods=["POST"]),
         Route("/api/services", guarded(services)),
         Route("/api/services/{model}", guarded(service)),
+        Route("/api/requests", guarded(requests)),
+        Route("/api/history", guarded(history)),
         Route("/api/events", guarded(events)),
         Route("/metrics", guarded(metrics)),
         Route("/healthz", healthz),

@@ -24,11 +24,11 @@ from workers import protocol as p
 
 GEN, EMB = "gemma3-270m", "nomic-embed-v1.5"
 SERVICE_KEYS = ["model_name", "token", "kind", "status", "capabilities", "model_info", "endpoint", "nats_topic",
-                "version", "queue_metrics", "backpressure_status", "slots", "requests_per_s", "first_seen", "last_seen",
-                "uptime", "instance_count", "online_count", "instances", "alerts", "history"]
+                "version", "queue_metrics", "backpressure_status", "slots", "requests_per_s", "stats", "first_seen",
+                "last_seen", "uptime", "instance_count", "online_count", "instances", "alerts", "history"]
 INSTANCE_KEYS = ["worker_id", "status", "worker_status", "endpoint", "version", "first_seen", "last_seen", "age_s",
                  "uptime", "started_at", "heartbeat_interval_s", "seq", "queue_metrics", "backpressure_status",
-                 "slots", "requests_per_s", "confirmed", "alerts"]
+                 "slots", "requests_per_s", "stats", "host", "slot_requests", "confirmed", "alerts"]
 MakeApp = Callable[..., tuple[Starlette, Registry]]
 QUEUE_KEYS = ["pending_messages", "active_processing", "queue_capacity", "total_processed", "total_failed",
               "last_processed_at"]
@@ -109,14 +109,14 @@ async def test_services_lists_one_entry_per_model_with_its_instances(make_app: M
     assert gen["endpoint"] == "http://127.0.0.1:8001" and gen["nats_topic"] == "inference.request.gemma3-270m"
     assert gen["queue_metrics"] == {"pending_messages": 9, "active_processing": 4, "queue_capacity": 10,
                                     "total_processed": 0, "total_failed": 0, "last_processed_at": None}
-    assert gen["backpressure_status"] == {"level": "critical", "utilization": 0.9}
+    assert gen["backpressure_status"] == {"level": "critical", "utilization": 0.9, "expected_wait_s": None}
 
     a, b = gen["instances"]
     assert [a["worker_id"], b["worker_id"]] == ["gen-a", "gen-b"]
     assert list(a) == INSTANCE_KEYS and list(a["queue_metrics"]) == QUEUE_KEYS
     assert a["status"] == "online" and a["worker_status"] == "online" and a["age_s"] == 0.5
     assert a["queue_metrics"]["pending_messages"] == 3 and a["backpressure_status"] == {
-        "level": "healthy", "utilization": 0.3}
+        "level": "healthy", "utilization": 0.3, "expected_wait_s": None}
     assert b["queue_metrics"]["pending_messages"] == 9 and b["queue_metrics"]["active_processing"] == 3
     assert b["age_s"] == 0.0 and b["backpressure_status"]["level"] == "critical"
     assert emb["queue_metrics"]["queue_capacity"] == 4 and emb["instances"][0]["endpoint"] is None
@@ -154,8 +154,8 @@ async def test_healthz_is_503_while_nats_is_not_connected(make_app: MakeApp, clo
     down = await get(app, "/healthz")
     assert down.status_code == 503
     assert down.json() == {"status": "degraded", "nats_connected": False, "heartbeats": 0, "reports": 0,
-                           "health_replies": 0, "invalid": 0, "oversized": 0, "foreign": 0, "evicted": 0,
-                           "purged": 0,
+                           "request_events": 0, "health_replies": 0, "invalid": 0, "oversized": 0, "foreign": 0,
+                           "evicted": 0, "purged": 0,
                            "instances": 3, "models": 2, "sse_clients": 0}
     registry.nats_connected = True
     up = await get(app, "/healthz")
@@ -196,7 +196,7 @@ async def test_event_stream_opens_with_a_snapshot_and_forgets_the_client(make_ap
     fields = dict(line.split(": ", 1) for line in first.decode().strip().splitlines())
     assert fields["event"] == "snapshot" and fields["retry"] == "2000"
     snapshot = json.loads(fields["data"])
-    assert list(snapshot) == ["at", "nats_connected", "services"] and snapshot["nats_connected"] is True
+    assert list(snapshot) == ["at", "nats_connected", "services", "requests"] and snapshot["nats_connected"] is True
     assert snapshot["services"] == (await get(app, "/api/services")).json()
     assert not registry.listeners
 

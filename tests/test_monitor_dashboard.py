@@ -100,12 +100,16 @@ async def test_each_instance_shows_its_slots_and_kv_cache_and_an_older_worker_a_
     assert "0 of 2 slots busy" in title and "tokens reserved" in title and "kept of" in title, title
 
     subs = await send_many(nc, 4, 32, "slots")  # two run, two wait for a slot
-    await page.wait_for_function(
-        f"document.querySelector('{CARD} .inst .slots').dataset.busy >= 1", timeout=8000)
-    text = await slots.inner_text()
-    kv = float(await slots.get_attribute("data-kv") or "nan")
+    # read in one go: the card is redrawn on every push, and a request may finish between two separate reads
+    seen = await (await page.wait_for_function(f"""() => {{
+        const el = document.querySelector('{CARD} .inst .slots');
+        if (!el || !(el.dataset.busy >= 1)) return null;
+        const bar = el.querySelector('.kv-reserved');
+        return {{ text: el.innerText, kv: el.dataset.kv, width: bar ? bar.getBoundingClientRect().width : -1 }};
+    }}""", timeout=8000)).json_value()
+    text, kv = seen["text"], float(seen["kv"] or "nan")
     assert text.startswith(("1/2 slots", "2/2 slots")) and 0 < kv <= 1 and f"KV {round(kv * 100)}%" in text, text
-    assert await page.locator(f"{CARD} .kv-bar .kv-reserved").evaluate("e => e.getBoundingClientRect().width") > 0
+    assert seen["width"] > 0, seen
     await page.screenshot(path=str(tmp_path / "dashboard-slots.png"), full_page=True)
     for s in subs:
         await s.next_msg(timeout=120)
