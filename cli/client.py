@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sys
+import time
 from collections.abc import AsyncGenerator, Awaitable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
@@ -69,6 +71,34 @@ class ErrorReply(FleetError):
         self.body = body
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one stderr line and exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration(text: str) -> float:
+    """Seconds from `30`, `1.5` (plain seconds) or a Go duration as the `nats` CLI takes it (`500ms`, `3s`,
+    `2m`, `1h30m`); must be more than zero."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise argparse.ArgumentTypeError(f"bad duration {text!r}: give seconds (30) or a Go duration "
+                                             "(500ms, 3s, 2m)") from None
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: it must be more than zero")
+    return seconds
+
+
 def add_connection_flags(ap: argparse.ArgumentParser) -> None:
     """The NATS connection flags, named as the `nats` CLI names them; unset ones come from the environment."""
     g = ap.add_argument_group("NATS connection (default: the environment variable in brackets)")
@@ -118,7 +148,7 @@ class FleetClient:
         except NatsRefused as e:
             raise NotAllowed(str(e)) from None
         except NatsUnavailable:
-            raise NoServer(f"no NATS server at {redact(self.url)}; start the fleet with `make up` or pass --server"
+            raise NoServer(f"no NATS server at {redact(self.url)}; start it with `make up`, or pass --server URL"
                            ) from None
         return self
 
@@ -143,7 +173,13 @@ class FleetClient:
         if interrupt is None:
             return await task
         both: list[asyncio.Future[Any]] = [task, interrupt]
-        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Ctrl+C: the wait goes with us, or it fails later (ConnectionClosedError) where nobody awaits it
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
         if task.done():
             return task.result()
         task.cancel()
@@ -152,8 +188,13 @@ class FleetClient:
         raise interrupt.result()
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.nc is not None:
-            await self.nc.close()
+        """Close in order: nothing waits on the connection any more, then its subscriptions go with it (a
+        subscription closed after the connection raised ConnectionClosedError in a task nobody awaited)."""
+        if self._interrupt is not None and not self._interrupt.done():
+            self._interrupt.cancel()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(NatsError, OSError):
+                await self.nc.close()
 
     def _nc(self) -> NATS:
         assert self.nc is not None, "use `async with FleetClient(...)`"
@@ -173,7 +214,7 @@ class FleetClient:
         subject = p.request_subject(kind, model)
         try:
             msg = await self._unless_denied(self._connected().request(subject, json.dumps(body).encode(),
-                                                                      timeout=timeout))
+                                                                      timeout=timeout, headers=deadline(timeout)))
         except NoRespondersError:
             raise NoWorker(_no_worker(subject, model)) from None
         except NatsTimeout:
@@ -193,19 +234,25 @@ class FleetClient:
                      ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield chunk messages `{req_id, index, delta}`, then the final response (`done: true`).
 
-        `timeout` is the longest wait for the next message, not for the whole answer."""
+        `timeout` is for the whole answer, as for `infer`: the worker gets it as the request's deadline and stops
+        generating when it passes, so a caller who gave up costs nothing. Use with `contextlib.aclosing`."""
         nc = self._connected()
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         subject = p.request_subject("inference", model)
+        ends = time.monotonic() + timeout
         try:
-            await nc.publish(subject, json.dumps({**body, "stream": True}).encode(), reply=inbox)
+            await nc.publish(subject, json.dumps({**body, "stream": True}).encode(), reply=inbox,
+                             headers=deadline(timeout))
             first = True
             while True:
                 try:
-                    msg = await self._unless_denied(sub.next_msg(timeout=timeout))
+                    msg = await self._unless_denied(sub.next_msg(timeout=max(0.001, ends - time.monotonic())))
                 except NatsTimeout:
-                    raise Timeout(await self._timeout_message(model, timeout)) from None
+                    if first:
+                        raise Timeout(await self._timeout_message(model, timeout)) from None
+                    raise Timeout(f"the answer from {model} did not finish within {timeout:g} s; the worker stopped "
+                                  "it: raise -timeout") from None
                 if first and msg.headers and msg.headers.get("Status") == "503":
                     raise NoWorker(_no_worker(subject, model))
                 first = False
@@ -245,6 +292,11 @@ class FleetClient:
         except Exception:
             pass
         return f"no answer from {model} within {timeout:g} s{depth}; raise -timeout or try later"
+
+
+def deadline(timeout: float) -> dict[str, str]:
+    """The caller's timeout as a request header: the worker drops the request once it passes (the caller has gone)."""
+    return {p.H_TIMEOUT_MS: str(max(1, round(timeout * 1000)))}
 
 
 def _no_worker(subject: str, model: str) -> str:

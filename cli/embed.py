@@ -15,18 +15,20 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .client import FleetError, add_connection_flags, client_for, model_from_subject, run_cli
+from .client import FleetError, Parser, add_connection_flags, client_for, duration, model_from_subject, run_cli
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nats-embed", description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap = Parser(prog="nats-embed", description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("-input", "--input", action="append", help="a text (repeatable); default: one per stdin line")
     ap.add_argument("-subject", "--subject", help="request subject (default embedding.request.<model>)")
     ap.add_argument("-m", "--model", default=os.environ.get("NATS_EMBED_MODEL", "gemma3-270m-embed"))
-    ap.add_argument("-timeout", "--timeout", type=float, default=120.0)
+    ap.add_argument("-timeout", "--timeout", type=duration, default=120.0, metavar="DURATION",
+                    help="how long to wait: seconds or a Go duration (500ms, 3s, 2m); the worker drops the request "
+                    "after it")
     ap.add_argument("--json", action="store_true", help="print the full response")
     ap.add_argument("--output", type=Path, help="write the vectors to FILE.npy or FILE.jsonl")
     add_connection_flags(ap)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -20,8 +21,9 @@ BIN = __import__("pathlib").Path(sys.executable).parent
 
 
 def run(tool: str, *args: str, url: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NATS_CHAT_MODEL": "gemma3-270m"}  # these tests start gemma, not the chat default
     return subprocess.run([str(BIN / tool), "-url", url, *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 async def cli(tool: str, *args: str, url: str, stdin: str | None = None) -> subprocess.CompletedProcess:

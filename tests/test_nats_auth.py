@@ -296,7 +296,7 @@ def test_nats_chat_reports_a_denied_request_at_once_instead_of_timing_out(serve)
             "s3cret-bob")
     assert time.monotonic() - t0 < 10
     line = one_line(r.stderr)
-    assert r.returncode == 6 and 'NATS denied publish to "inference.request.gemma3-270m"' in line
+    assert r.returncode == 6 and 'NATS denied publish to "inference.request.smollm2-135m"' in line  # the default
 
 
 # --- a real worker: credentials in NATS_URL stay out of everything it writes ------------------------------
