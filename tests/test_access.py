@@ -62,8 +62,9 @@ class Host:
     status: p.WorkerStatus = "online"
     card: ModelCard = field(default_factory=ModelCard)
 
-    async def cancel(self, req_id: str) -> str:
-        return self.runner.cancel(req_id) if self.runner else "queued"
+    async def cancel(self, req_id: str) -> str:  # as Worker.cancel without NATS: stopped here, or remembered
+        state = self.runner.cancel(req_id) if self.runner else "queued"
+        return state if state == "running" else "pending"
 
     async def events(self) -> list[tuple[str, str, str]]:
         await self.store.flush()

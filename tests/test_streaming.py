@@ -101,3 +101,41 @@ async def test_an_owner_cancel_stops_only_that_owners_request(start_worker, nc):
     assert ack["cancelled"] is True
     out = json.loads((await sub.next_msg(timeout=60)).data)
     assert out["finish_reason"] == "cancelled" and 0 < out["tokens_out"] < 160
+
+
+async def test_cancel_of_a_queued_request_removes_it_and_tells_its_caller_at_once(start_worker, nc):
+    w = await start_worker(WORKER_CONCURRENCY=1)
+    long = {"req_id": "busy-1", "input": "Write a long poem.", "params": {"max_tokens": 200}}
+    busy = asyncio.create_task(nc.request(SUBJECT, json.dumps(long).encode(), timeout=120))
+    await asyncio.sleep(0.5)
+    queued = asyncio.create_task(nc.request(SUBJECT, b'{"req_id":"q2","input":"Hi"}', timeout=120))
+    await asyncio.sleep(0.3)
+    t0 = asyncio.get_running_loop().time()
+    ack = json.loads((await nc.request(CANCEL, b'{"req_id":"q2"}', timeout=5)).data)
+    assert ack["cancelled"] is True and ack["state"] == "queued"
+    out = json.loads((await asyncio.wait_for(queued, 5)).data)
+    waited = asyncio.get_running_loop().time() - t0
+    assert out["error"]["type"] == "cancelled" and out["finish_reason"] == "cancelled", out
+    assert not busy.done() and waited < 2.0  # answered while the slot was still busy: removed, not skipped later
+    assert json.loads((await busy).data)["tokens_out"] > 0
+    await asyncio.sleep(1.0)
+    with sqlite3.connect(w.db) as db:
+        assert db.execute("SELECT status, tokens_out FROM requests WHERE req_id='q2'").fetchall() == [
+            ("cancelled", 0)]  # one row: it never ran
+    assert (await nc.jetstream().stream_info("FLEET_REQUESTS")).state.messages == 0
+
+
+async def test_cancel_of_an_unknown_request_answers_not_found_at_once(start_worker, nc):
+    import httpx
+
+    port = broker.free_port()
+    await start_worker(HTTP_ADDR=f"127.0.0.1:{port}")
+    t0 = asyncio.get_running_loop().time()
+    reply = await nc.request(CANCEL, b'{"req_id":"never-sent"}', timeout=5)
+    assert asyncio.get_running_loop().time() - t0 < 1.5
+    body = json.loads(reply.data)
+    assert body["cancelled"] is False and body["error"]["type"] == "not_found"
+    assert reply.headers and reply.headers.get("Nats-Service-Error-Code") == "404"
+    async with httpx.AsyncClient() as http:
+        r = await http.delete(f"http://127.0.0.1:{port}/v1/requests/never-sent")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"

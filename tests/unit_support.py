@@ -39,7 +39,7 @@ class ScriptedEngine:
 
     async def complete(self, prompt: str, params: Params, *, stop: tuple[str, ...] = (), grammar: str | None = None,
                        on_delta: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
-                       deadline_ms: int | None = None) -> Completion:
+                       deadline_ms: int | None = None, label: str | None = None) -> Completion:
         self.calls.append({"prompt": prompt, "params": params, "stop": stop, "grammar": grammar,
                            "deadline_ms": deadline_ms})
         if self.fail is not None:
@@ -52,7 +52,7 @@ class ScriptedEngine:
         return Completion(text="".join(self.pieces), tokens_in=len(prompt.split()), tokens_out=len(self.pieces),
                           finish_reason=finish, ttft_ms=0.5)  # type: ignore[arg-type]
 
-    async def embed(self, texts: list[str], deadline_ms: int | None = None) -> Embeddings:
+    async def embed(self, texts: list[str], deadline_ms: int | None = None, label: str | None = None) -> Embeddings:
         self.calls.append({"texts": texts, "deadline_ms": deadline_ms})
         if self.fail is not None:
             raise self.fail

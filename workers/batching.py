@@ -147,11 +147,15 @@ class Scheduler:
         return self.slots - len(self._free_ids)
 
     def usage(self) -> SlotUsage:
-        """Slots and KV cache right now (read from any thread: a snapshot, not a lock)."""
+        """Slots, KV cache and what each sequence is doing right now (read from any thread: a snapshot, not a
+        lock; a sequence moving between lists in this instant may show twice or not at all)."""
         active = list(self._active.values())
+        waiting = [*self._waiting, *(s for s in list(self._inbox.queue) if isinstance(s, Sequence))]
         kept = sum(len(self._cells[i]) for i in list(self._free_ids))
-        return SlotUsage(slots=self.slots, busy=len(active), waiting=len(self._waiting) + self._inbox.qsize(),
-                         kv_tokens=self.kv_tokens, kv_reserved=sum(s.need for s in active), kv_kept=kept)
+        now = time.perf_counter()
+        views = {id(s): s.view(now) for s in (*active, *waiting)}
+        return SlotUsage(slots=self.slots, busy=len(active), waiting=len(waiting), kv_tokens=self.kv_tokens,
+                         kv_reserved=sum(s.need for s in active), kv_kept=kept, requests=list(views.values()))
 
     # --- requests -----------------------------------------------------------
 
@@ -171,11 +175,11 @@ class Scheduler:
 
     async def complete(self, prompt: str | list[int], params: Params, *, stop: tuple[str, ...] = (),
                        grammar: str | None = None, on_delta: Any = None, cancel: threading.Event | None = None,
-                       deadline_ms: int | None = None) -> Completion:
+                       deadline_ms: int | None = None, label: str | None = None) -> Completion:
         """Generate from `prompt` (text or token ids) like `Engine.complete`: ends at the caller's stop strings
         or `stop`, `on_delta` gets final text pieces (from the decode thread), setting `cancel` ends it within a
         step with finish_reason `cancelled`, past `deadline_ms` (epoch ms) it raises Expired. Waits for a free
-        sequence when all are busy."""
+        sequence when all are busy. `label` (the req_id) names it in `usage()`."""
         if self._thread is None:
             raise RuntimeError("the scheduler is not running; await load() first")
         tokens = await asyncio.to_thread(self.tokenize, prompt) if isinstance(prompt, str) else list(prompt)
@@ -192,7 +196,7 @@ class Scheduler:
         seq = Sequence(tokens=tokens, chain=chain, max_tokens=max_tokens, exact=params.seed is not None and
                        params.temperature != 0,
                        stream=TextStream((*(params.stop or []), *stop)), future=loop.create_future(), loop=loop,
-                       on_delta=on_delta, cancel=cancel or threading.Event(), deadline_ms=deadline_ms)
+                       on_delta=on_delta, cancel=cancel or threading.Event(), deadline_ms=deadline_ms, label=label)
         self._inbox.put(seq)
         try:
             return await seq.future

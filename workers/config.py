@@ -65,6 +65,12 @@ class Settings(NatsSettings, BackpressureSettings):
     # sequence per text); the worker takes that many from the queue at once. 1: one request at a time.
     embed_batch_max: int = Field(default=16, ge=1, le=256)
     default_max_tokens: int = Field(default=128, ge=1)
+    # sampling for requests that leave it out (a model's recommended values); unset: llama.cpp's (workers/sampling.py)
+    default_temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    default_top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    default_top_k: int | None = Field(default=None, ge=0)
+    default_min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    default_repeat_penalty: float | None = Field(default=None, gt=0.0)
 
     # GPU offload: needs a CUDA or Metal build of llama-cpp-python (README); the defaults are the CPU as before
     n_gpu_layers: int = Field(default=0, ge=-1)  # layers on the GPU; 0: none, -1: all
@@ -195,6 +201,12 @@ class Settings(NatsSettings, BackpressureSettings):
     def gpu_split(self) -> tuple[float, ...]:
         """TENSOR_SPLIT as numbers; () when unset."""
         return _split(self.tensor_split) if self.tensor_split.strip() else ()
+
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """DEFAULT_TEMPERATURE, DEFAULT_TOP_P, … that are set, by request parameter name (`temperature`, …)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+        return {n: v for n in names if (v := getattr(self, f"default_{n}")) is not None}
 
     @property
     def models_dir(self) -> Path:

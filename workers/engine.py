@@ -16,13 +16,14 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import sampling
 from .embed_batch import EmbedBatcher
 from .generation import Completion, Embeddings, Expired, token_budget
-from .protocol import FinishReason, Params, SlotUsage, now_ms
+from .protocol import FinishReason, Params, SlotRequest, SlotUsage, now_ms
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -32,6 +33,23 @@ if TYPE_CHECKING:
 _GRAMMAR_LOCK = threading.Lock()
 _GRAMMAR_LOG = re.compile(r"^.*grammar", re.MULTILINE)  # where llama.cpp's message (and the source) starts
 POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+
+
+@dataclass
+class _Run:
+    """A request in the per-context engine or the embedding batcher, for the slot view (written by the thread
+    that runs it, read by health: plain fields, no lock)."""
+
+    label: str | None
+    state: Literal["waiting", "prefill", "decode"] = "waiting"
+    slot: int | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def view(self, now: float) -> SlotRequest:
+        return SlotRequest(req_id=self.label or "", state=self.state, slot=self.slot, tokens_in=self.tokens_in,
+                           tokens_out=self.tokens_out, elapsed_ms=round((now - self.started) * 1000, 1))
 
 
 class Engine:
@@ -67,6 +85,7 @@ class Engine:
         self._contexts: list[Llama] = []
         self.load_seconds = 0.0
         self._abort = threading.Event()
+        self._runs: dict[int, _Run] = {}  # id -> a request running here (not the scheduler's: it has its own)
 
     def _new_context(self) -> Llama:
         from llama_cpp import Llama
@@ -176,7 +195,10 @@ class Engine:
         if self._scheduler is not None:
             return self._scheduler.usage()
         slots = self.embed_batch_max if self._batcher is not None else self.concurrency
-        return SlotUsage(slots=slots, busy=self.busy)
+        now = time.perf_counter()
+        runs = sorted(list(self._runs.values()), key=lambda r: r.started)
+        return SlotUsage(slots=slots, busy=self.busy, waiting=sum(r.state == "waiting" for r in runs),
+                         requests=[r.view(now) for r in runs])
 
     def close(self) -> None:
         if self._batcher is not None:
@@ -191,20 +213,26 @@ class Engine:
 
     async def complete(self, prompt: str, params: Params, *, stop: tuple[str, ...] = (), grammar: str | None = None,
                        on_delta: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
-                       deadline_ms: int | None = None) -> Completion:
+                       deadline_ms: int | None = None, label: str | None = None) -> Completion:
         """Generate from `prompt`, ending at the caller's stop strings or `stop` (the prompt format's).
         `on_delta` gets text pieces as they are produced (called from the generation thread); setting
         `cancel` stops within a token with finish_reason `cancelled`. Past `deadline_ms` (epoch ms) it stops
-        within a token and raises Expired."""
+        within a token and raises Expired. `label` (the req_id) names it in `usage()`."""
         if self._scheduler is not None:
             return await self._scheduler.complete(prompt, params, stop=stop, grammar=grammar, on_delta=on_delta,
-                                                  cancel=cancel, deadline_ms=deadline_ms)
-        llm = await self._borrow(deadline_ms)
+                                                  cancel=cancel, deadline_ms=deadline_ms, label=label)
+        run = _Run(label)
+        self._runs[id(run)] = run
         try:
-            return await asyncio.to_thread(self._complete, llm, prompt, params, stop, grammar, on_delta, cancel,
-                                           deadline_ms)
+            llm = await self._borrow(deadline_ms)
+            try:
+                run.slot, run.state = self._contexts.index(llm), "prefill"
+                return await asyncio.to_thread(self._complete, llm, prompt, params, stop, grammar, on_delta, cancel,
+                                               deadline_ms, run)
+            finally:
+                self._free.put_nowait(llm)
         finally:
-            self._free.put_nowait(llm)
+            self._runs.pop(id(run), None)
 
     async def _borrow(self, deadline_ms: int | None) -> Llama:
         """A free context, waiting no longer than the deadline (Expired after it)."""
@@ -217,10 +245,12 @@ class Engine:
 
     def _complete(self, llm: Llama, prompt: str, p: Params, stop: tuple[str, ...], grammar: str | None,
                   on_delta: Callable[[str], None] | None, cancel: threading.Event | None,
-                  deadline_ms: int | None) -> Completion:
+                  deadline_ms: int | None, run: _Run | None = None) -> Completion:
         from llama_cpp import LlamaGrammar, StoppingCriteriaList, llama_vocab_is_eog
 
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        run = run or _Run(None)
+        run.tokens_in = len(tokens)
         max_tokens = token_budget(len(tokens), p, self.ctx_size, self.default_max_tokens)
         sampling.check_logit_bias(p, llm.n_vocab())
         if deadline_ms is not None and now_ms() >= deadline_ms:
@@ -234,7 +264,9 @@ class Engine:
         def watch(ids: Any, _logits: Any) -> bool:
             if not first:
                 first.append(time.perf_counter())
+                run.state = "decode"
             sampled.append(int(ids[-1]))
+            run.tokens_out = len(sampled)
             if deadline_ms is not None and now_ms() >= deadline_ms:
                 late.set()
             return stop_now.is_set() or self._abort.is_set() or late.is_set()
@@ -278,9 +310,14 @@ class Engine:
             ttft_ms=(first[0] - t0) * 1000 if first else None,
         )
 
-    async def embed(self, texts: list[str], deadline_ms: int | None = None) -> Embeddings:
+    async def embed(self, texts: list[str], deadline_ms: int | None = None, label: str | None = None) -> Embeddings:
         """One vector per text; every text is counted before any work. Past `deadline_ms` (epoch ms) it stops
-        before its next decode and raises Expired."""
+        before its next decode and raises Expired. `label` (the req_id) names it in `usage()`."""
         if self._batcher is None:
             raise RuntimeError("embed() needs an engine loaded with embedding=True")
-        return await self._batcher.embed(texts, deadline_ms)
+        run = _Run(label, state="prefill")  # the batcher does not say when its batch starts: counted as running
+        self._runs[id(run)] = run
+        try:
+            return await self._batcher.embed(texts, deadline_ms)
+        finally:
+            self._runs.pop(id(run), None)

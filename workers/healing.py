@@ -100,6 +100,35 @@ class StreamGuard:
             self.remembered.append(Queued(seq, req_id, tuple(targets), deadline_ms,
                                           raw_input[:INPUT_EXCERPT] if raw_input else None, trace_id))
 
+    async def cancel_queued(self, req_id: str, owner: str | None = None) -> str | None:
+        """A cancel for a request this instance queued: remove it from the stream while no worker has taken it
+        and answer its caller `cancelled` ("removed"); "taken" when a worker already has it (that worker's
+        runner stops it), "refused" when `owner` is not the caller's, None when this instance did not queue it."""
+        entry = next((e for e in reversed(self.remembered) if e.req_id == req_id), None)
+        if entry is None or entry.deadline_ms < p.now_ms():
+            return None
+        if owner is not None and p.inbox_owner(entry.targets[0]) != owner:
+            return "refused"
+        try:
+            info = await self.js.consumer_info(p.STREAM_NAME, self.durable)
+            if info.delivered is not None and (info.delivered.stream_seq or 0) >= entry.seq:
+                return "taken"
+            await self.js.delete_msg(p.STREAM_NAME, entry.seq)
+        except Exception:  # gone already (taken and answered), or JetStream unreachable: the runners remember it
+            return "taken"
+        self.remembered.remove(entry)
+        err = p.BadRequest("cancelled", "the caller cancelled the request while it was queued; it was removed "
+                           "from the queue and never ran", status=499)
+        data, headers = self.replier.error(entry.req_id, err.status, err.type, err.message, "cancelled")
+        if entry.trace_id:
+            headers[p.H_TRACE_ID] = entry.trace_id
+        with contextlib.suppress(Exception):  # disconnected: nobody can be told
+            await self.replier.send(list(entry.targets), data, headers, entry.req_id)
+        intake = Intake(req_id=entry.req_id, worker_id=self.settings.worker_id, raw_input=entry.raw_input,
+                        trace_id=entry.trace_id, deliveries=0)
+        self.record(Finished.refused(intake, err))
+        return "removed"
+
     def observe(self, info: ConsumerInfo | None) -> None:
         """Telemetry's look at the consumer (None: not found, a reason to check now)."""
         if info is None:

@@ -138,8 +138,11 @@ def build_app(worker: Serving) -> Starlette:
         if not p.REQ_ID.match(req_id):
             return error(400, "invalid_request", "req_id is 1-128 letters, digits, '_', '-', '.' or ':'", "req_id")
         state = await worker.cancel(req_id)
-        return JSONResponse({"req_id": req_id, "state": state, "cancelled": state == "running"},
-                            status_code=200 if state == "running" else 202)
+        if state == "not_found":
+            return error(404, "not_found", f"no worker has request {req_id} queued or running (it finished, "
+                         "expired, or never came); nothing was cancelled")
+        return JSONResponse({"req_id": req_id, "state": state, "cancelled": state in ("running", "queued")},
+                            status_code=202 if state == "pending" else 200)
 
     async def no_route(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

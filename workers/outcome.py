@@ -2,12 +2,16 @@
 
 The SQLite row, the Prometheus metrics and the instance's totals are all written from a `Finished` by
 `Ledger.record`, so no caller assembles a log row by hand and a new metric reads a field here rather
-than a column of the log.
+than a column of the log. The same `record()` feeds the heartbeat's sliding window (workers/window.py) and
+hands a `RequestEvent` to whoever publishes them (telemetry: the monitor's Requests view).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -19,6 +23,9 @@ Source = Literal["nats", "http"]
 
 # Statuses that are not a failure of the request; a hand-back is a drain, not a verdict.
 _NOT_FAILED = ("ok", "handed_back")
+_ERROR = re.compile(r"^\d{3} ([A-Za-z0-9_.-]+): ")  # "<status> <type>: <message>", as `refused` writes it
+PROMPT_CHARS = 2000  # of input and output in a RequestEvent (LOG_PROMPTS)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,44 @@ class Finished:
                   "finish_reason": self.finish_reason, "error": self.error, "dur_ms": self.dur_ms}
         return {k: values[k] for k in REQUEST_COLUMNS if k in values}
 
+    @property
+    def error_code(self) -> str | None:
+        """The error body's type (`context_overflow`, `expired`, …) when it ended in one."""
+        m = _ERROR.match(self.error or "")
+        return m[1] if m else None
+
+    def event(self, origin: Origin) -> p.RequestEvent:
+        """What the monitor's Requests view shows of it; prompt and answer only if `origin.log_prompts`."""
+        i, run = self.intake, self.run
+        text = origin.log_prompts
+        return p.RequestEvent(
+            ts=self.ts, model_name=origin.model_name, worker_id=i.worker_id, kind=origin.kind, req_id=i.req_id,
+            source=i.source, status=self.status, finish_reason=self.finish_reason, error_code=self.error_code,
+            error=self.error, latency_ms=_ms(self.dur_ms), queue_ms=round(i.queue_ms, 3), ttft_ms=_ms(run.ttft_ms),
+            tokens_in=run.tokens_in, tokens_out=run.tokens_out, cached_tokens=run.cached_tokens,
+            trace_id=i.trace_id, instance=origin.instance,
+            input=_clip(i.raw_input or run.formatted_input) if text else None,
+            output=_clip(run.response_text) if text else None,
+        )
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who finished the requests, as their RequestEvents say."""
+
+    model_name: str
+    kind: p.Kind = "inference"
+    instance: str | None = None  # as in Health
+    log_prompts: bool = False  # LOG_PROMPTS: put prompt and answer (first PROMPT_CHARS) in the events
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def _clip(text: str | None) -> str | None:
+    return None if text is None else text[:PROMPT_CHARS]
+
 
 class RequestLog(Protocol):
     def request(self, **row: Any) -> None: ...
@@ -116,11 +161,24 @@ class RequestMetrics(Protocol):
     def observe(self, finished: Finished) -> None: ...
 
 
-class Ledger:
-    """Where every finished request goes: the log row, the metrics, and this instance's totals."""
+class RequestWindow(Protocol):
+    """The heartbeat's sliding window (workers/window.py)."""
 
-    def __init__(self, log: RequestLog, metrics: RequestMetrics) -> None:
-        self.log, self.metrics = log, metrics
+    def record(self, finished: Finished) -> None: ...
+
+    def stats(self, now: float | None = None) -> p.WindowStats: ...
+
+
+EventSink = Callable[[p.RequestEvent], None]
+
+
+class Ledger:
+    """Where every finished request goes: the log row, the metrics, the sliding window, this instance's totals,
+    and (once `events` is set, with an `origin` to name the worker) a RequestEvent to publish."""
+
+    def __init__(self, log: RequestLog, metrics: RequestMetrics, window: RequestWindow | None = None,
+                 origin: Origin | None = None, events: EventSink | None = None) -> None:
+        self.log, self.metrics, self.window, self.origin, self.events = log, metrics, window, origin, events
         self.total_processed = 0
         self.total_failed = 0
         self.last_processed_at: float | None = None
@@ -128,6 +186,13 @@ class Ledger:
     def record(self, finished: Finished) -> None:
         self.log.request(**finished.columns())
         self.metrics.observe(finished)
+        if self.window is not None:
+            self.window.record(finished)
+        if self.events is not None and self.origin is not None:
+            try:
+                self.events(finished.event(self.origin))
+            except Exception:  # an event is news, not the request's outcome: never let it break the request
+                log.exception("could not hand over the request event of %s", finished.intake.req_id)
         if finished.status == "ok":
             self.total_processed += 1
             self.last_processed_at = finished.ts

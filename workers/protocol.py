@@ -508,14 +508,15 @@ def expected_wait(pending: int, mean_service_s: float | None, live_slots: int) -
 
 
 def wait_level(expected_wait_s: float | None, utilization: float, warning_s: float = 10.0,
-               critical_s: float = 60.0) -> Level:
+               critical_s: float = 60.0, capacity_warning: float = 0.5, capacity_critical: float = 0.8) -> Level:
     """THE level of a model's queue: by the expected wait (BACKPRESSURE_WAIT_WARNING_S / _CRITICAL_S); a full
     queue (utilization ≥ 1: new requests are refused) is critical whatever the wait. Without a wait estimate
-    (nothing served lately) the capacity fraction decides, as backpressure_level."""
+    (nothing served lately) the capacity fraction decides (BACKPRESSURE_WARNING / _CRITICAL), as
+    backpressure_level."""
     if utilization >= 1.0:
         return "critical"
     if expected_wait_s is None:
-        return backpressure_level(utilization)
+        return backpressure_level(utilization, capacity_warning, capacity_critical)
     if expected_wait_s >= critical_s:
         return "critical"
     if expected_wait_s >= warning_s:

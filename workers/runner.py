@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from . import protocol as p
@@ -35,11 +35,12 @@ class Runner:
     """Executes requests and keeps track of which ones are running, so they can be cancelled."""
 
     def __init__(self, *, model_name: str, worker_id: str, engine: Engine, fmt: PromptFormat | None,
-                 grammars: GrammarStore | None) -> None:
+                 grammars: GrammarStore | None, sampling: Mapping[str, float] | None = None) -> None:
         self.model_name, self.worker_id = model_name, worker_id
         self.engine = engine
         self.fmt = fmt  # None for kinds that do not generate text
         self.grammars = grammars
+        self.sampling = dict(sampling or {})  # the worker's defaults for parameters a request leaves out
         self.running: dict[str, tuple[threading.Event, str | None]] = {}  # req_id -> (stop, owner)
         # queued requests someone cancelled: req_id -> (when, owner the cancel came from; None: anyone's)
         self._cancelled: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
@@ -86,7 +87,7 @@ class Runner:
         t0 = time.perf_counter()
         texts = req.texts()
         try:
-            emb = await self.engine.embed(texts, deadline_ms=deadline_ms)
+            emb = await self.engine.embed(texts, deadline_ms=deadline_ms, label=req_id)
         except Expired as e:
             raise p.BadRequest("expired", f"the caller's deadline passed while embedding, after {e.done} of "
                                f"{len(texts)} inputs; the partial answer was discarded", status=504) from None
@@ -106,13 +107,18 @@ class Runner:
             raise p.BadRequest("wrong_model_kind", f"{self.model_name} does not generate text", status=404)
         t0 = time.perf_counter()
         prompt = format_prompt(req, self.fmt)
+        unset = {k: v for k, v in self.sampling.items() if getattr(req.params, k) is None}
+        params = req.params.model_copy(update=unset) if unset else req.params
         grammar = (await self.grammars.resolve(req.params.grammar)
                    if (req.params.grammar and self.grammars) else None)
         cancel = threading.Event()
         self.running[req_id] = (cancel, owner)
+        if self.was_cancelled(req_id, owner):  # a cancel that came while the grammar resolved: it stops at once
+            cancel.set()
         try:
-            out = await self.engine.complete(prompt, req.params, stop=self.fmt.stop, grammar=grammar,
-                                             on_delta=on_delta, cancel=cancel, deadline_ms=deadline_ms)
+            out = await self.engine.complete(prompt, params, stop=self.fmt.stop, grammar=grammar,
+                                             on_delta=on_delta, cancel=cancel, deadline_ms=deadline_ms,
+                                             label=req_id)
         except Expired as e:
             raise p.BadRequest("expired", f"the caller's deadline passed while generating, after {e.done} tokens; "
                                "the partial answer was discarded", status=504) from None
@@ -127,7 +133,7 @@ class Runner:
             reasoning=reasoning,
         )
         facts = RunFacts(
-            formatted_input=prompt, params_json=req.params.model_dump_json(exclude_none=True),
+            formatted_input=prompt, params_json=params.model_dump_json(exclude_none=True),
             grammar=req.params.grammar, response_text=text if reasoning is None else f"{text}\n[reasoning] {reasoning}",
             tokens_in=out.tokens_in, tokens_out=out.tokens_out, ttft_ms=out.ttft_ms, dur_ms=dur,
             finish_reason=out.finish_reason, cached_tokens=out.cached_tokens,

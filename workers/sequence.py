@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .generation import Completion
-from .protocol import FinishReason
+from .protocol import FinishReason, SlotRequest
 
 
 def holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -93,6 +93,8 @@ class Sequence:
     tokens_out: int = 0  # sampled tokens that are part of the answer (the end-of-generation token is not)
     t0: float = field(default_factory=time.perf_counter)
     first_at: float | None = None
+    label: str | None = None  # the req_id, for the slot view (Scheduler.usage)
+    submitted: float = field(default_factory=time.perf_counter)  # handed to the scheduler (t0 moves at admission)
 
     @property
     def prefilling(self) -> bool:
@@ -109,6 +111,15 @@ class Sequence:
     def result(self, finish: FinishReason) -> Completion:
         return Completion(text=self.stream.text, tokens_in=len(self.tokens), tokens_out=self.tokens_out,
                           finish_reason=finish, ttft_ms=self.ttft_ms, cached_tokens=self.cached)
+
+    def view(self, now: float) -> SlotRequest:
+        """What the slot view shows of it (read from another thread: a snapshot of plain fields)."""
+        admitted = self.seq_id >= 0
+        # decode from its first token on (its last prompt chunk is in the batch until that token is sampled)
+        return SlotRequest(req_id=self.label or "", state="waiting" if not admitted else "prefill"
+                           if self.first_at is None else "decode", slot=self.seq_id if admitted else None,
+                           tokens_in=len(self.tokens), tokens_out=self.tokens_out,
+                           elapsed_ms=round((now - self.submitted) * 1000, 1))
 
     @property
     def need(self) -> int:

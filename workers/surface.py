@@ -63,4 +63,5 @@ class Serving(Protocol):
     def card(self) -> ModelCard: ...
 
     async def cancel(self, req_id: str) -> str:
-        """Cancel here and on every other instance of the model; "running" if it ran here, else "queued"."""
+        """Cancel here and on every other instance of the model: "running", "queued" (removed from the queue),
+        "not_found" or "pending" (Worker.cancel)."""

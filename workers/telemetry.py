@@ -5,7 +5,12 @@ second by one task and cached; replicas of a model therefore report the same dep
 shared with the stream guard (workers/healing.py), which recreates a deleted consumer.
 
 Every heartbeat and health reply carries `instance`, a random token drawn once per process (the monitor trusts
-the first one it saw for a worker_id), and `alerts`, the latest events worth an operator's eye (Store.alerts).
+the first one it saw for a worker_id), and `alerts`, the latest events worth an operator's eye (Store.alerts),
+`stats`, the last STATS_WINDOW_S seconds of requests (workers/window.py), and `host`, the machine's use.
+
+The backpressure level is the expected wait of a new request (`protocol.expected_wait`): the queue depth × this
+instance's recent mean service time ÷ the slots of the model's live instances (this one's and those its peers
+announce in their heartbeats). Each finished request is published as a RequestEvent (the monitor's Requests view).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .metrics import Metrics
 from .outcome import Ledger
 from .store import Store
 from .surface import ModelCard
+from .window import Host
 
 INSTANCE = secrets.token_hex(8)  # this process, in every heartbeat
 ALERT_MAX_AGE_S = 3600.0  # an alert older than this is no longer news
@@ -68,6 +74,9 @@ class Telemetry:
         self.depth = 0
         self.seq = 0
         self.peers: dict[str, float] = {}  # worker_id -> monotonic time of its last heartbeat
+        self.peer_slots: dict[str, int] = {}  # worker_id -> the slots its last heartbeat announced
+        self.host = Host()
+        self._event_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
         self._heartbeat_failed = False
@@ -76,6 +85,7 @@ class Telemetry:
         s = self.settings
         self._subs.append(await self.nc.subscribe(p.health_subject(s.model_name), cb=self._on_health))
         self._subs.append(await self.nc.subscribe(p.heartbeat_subject(s.model_name), cb=self._on_peer))
+        self.host.refresh_gpus()
         await self.heartbeat()
         self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
                        asyncio.create_task(self._report_loop(), name="backpressure")]
@@ -99,8 +109,28 @@ class Telemetry:
 
     @property
     def level(self) -> p.Level:
+        return self.backpressure().level
+
+    @property
+    def live_slots(self) -> int:
+        """Requests the model's live instances can run at once: this one's slots and its live peers'."""
+        own = self.state.slots
+        me = self.settings.worker_id
+        return (own.slots if own else 0) + sum(n for w, n in self.peer_slots.items() if w != me and self.is_live(w))
+
+    def stats(self) -> p.WindowStats | None:
+        window = self.state.ledger.window
+        return window.stats() if window is not None else None
+
+    def backpressure(self, stats: p.WindowStats | None = None) -> p.Backpressure:
+        """The level by the expected wait of a new request (protocol.wait_level), beside the capacity fraction."""
         s = self.settings
-        return p.backpressure_level(self.utilization, s.backpressure_warning, s.backpressure_critical)
+        stats = stats or self.stats()
+        mean_ms = stats.mean_service_ms if stats else None
+        wait = p.expected_wait(self.depth, mean_ms / 1000 if mean_ms is not None else None, self.live_slots)
+        level = p.wait_level(wait, self.utilization, s.backpressure_wait_warning_s, s.backpressure_wait_critical_s,
+                             s.backpressure_warning, s.backpressure_critical)
+        return p.Backpressure(level=level, utilization=self.utilization, expected_wait_s=wait)
 
     @property
     def worker_count(self) -> int:
@@ -129,6 +159,7 @@ class Telemetry:
 
     def health(self) -> p.Health:
         s, st = self.settings, self.state
+        stats = self.stats()
         host, port = s.http_host_port or ("", 0)
         endpoint = f"http://{_public_host(host)}:{port}" if port else None
         return p.Health(
@@ -141,9 +172,10 @@ class Telemetry:
                 total_processed=st.ledger.total_processed, total_failed=st.ledger.total_failed,
                 last_processed_at=st.ledger.last_processed_at, slots=st.slots,
             ),
-            backpressure_status=p.Backpressure(level=self.level, utilization=self.utilization),
+            backpressure_status=self.backpressure(stats),
             started_at=st.started_at, uptime_s=round(time.time() - st.started_at, 3),
             heartbeat_interval_s=s.heartbeat_interval, seq=self.seq, instance=self.instance, alerts=self.alerts(),
+            stats=stats, host=self.host.sample(),
         )
 
     def alerts(self) -> list[p.Alert]:
@@ -154,11 +186,12 @@ class Telemetry:
 
     def report(self) -> p.BackpressureReport:
         s = self.settings
+        bp = self.backpressure()
         return p.BackpressureReport(
             model_name=s.model_name, worker_id=s.worker_id, pending_messages=self.depth,
             active_processing=self.state.active, queue_capacity=s.queue_max_per_model,
-            utilization=self.utilization, status=self.level, worker_count=self.worker_count,
-            timestamp=time.time(), instance=self.instance, slots=self.state.slots,
+            utilization=bp.utilization, status=bp.level, worker_count=self.worker_count,
+            timestamp=time.time(), instance=self.instance, slots=self.state.slots, expected_wait_s=bp.expected_wait_s,
         )
 
     def stats_data(self, _endpoint_stats: Any = None) -> dict[str, Any]:
@@ -169,8 +202,22 @@ class Telemetry:
 
     # --- publishing -------------------------------------------------------------------
 
+    def publish_event(self, event: p.RequestEvent) -> None:
+        """Publish a finished request's event (the Ledger's sink): fire and forget, off the request's path."""
+        try:
+            task = asyncio.get_running_loop().create_task(self._publish_event(event))
+        except RuntimeError:  # not on the event loop (a thread): nobody to publish with
+            return
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _publish_event(self, event: p.RequestEvent) -> None:
+        with contextlib.suppress(Exception):  # a lost event costs a row in a view, never a request
+            await self.nc.publish(p.request_event_subject(self.settings.model_name), p.dumps(event))
+
     async def heartbeat(self) -> None:
         self.seq += 1
+        self._forget_quiet_peers()
         try:
             await self.nc.publish(p.heartbeat_subject(self.settings.model_name), p.dumps(self.health()))
             if self._heartbeat_failed:
@@ -184,7 +231,13 @@ class Telemetry:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
+            self.host.refresh_gpus()
             await self.heartbeat()
+
+    def _forget_quiet_peers(self) -> None:
+        for w in [w for w in self.peers if not self.is_live(w)]:
+            self.peers.pop(w, None)
+            self.peer_slots.pop(w, None)
 
     async def _report_loop(self) -> None:
         s = self.settings
@@ -213,8 +266,11 @@ class Telemetry:
             body = p.Health.model_validate_json(msg.data)
             if body.status == "stopping":
                 self.peers.pop(body.worker_id, None)
+                self.peer_slots.pop(body.worker_id, None)
             else:
                 self.peers[body.worker_id] = time.monotonic()
+                slots = body.queue_metrics.slots
+                self.peer_slots[body.worker_id] = slots.slots if slots and body.status == "online" else 0
 
 
 def _public_host(host: str) -> str:

@@ -6,35 +6,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js.errors import APIError as JsApiError
+from nats.js.errors import ServiceUnavailableError
 
 from . import formats
 from . import protocol as p
 from .answered import Answered, Attempts, ensure_answered
 from .config import Settings
-from .connection import connect
+from .connection import connect, redact
 from .consumer import Consumer, in_flight_limit
 from .engine import Engine
 from .grammars import GrammarStore
 from .healing import StreamGuard
 from .httpapi import Server, build_app, server
 from .metrics import Metrics
-from .modelfile import ModelNotFound, resolve
+from .modelfile import ModelNotFound, load_failure, resolve
 from .modelinfo import capabilities, model_info, offload_info
-from .outcome import Ledger
+from .outcome import Ledger, Origin
 from .queue import DeadLetters, Ingress, Replier, ensure_consumer, ensure_stream
 from .runner import Runner
 from .store import Store
 from .surface import Gate, ModelCard
-from .telemetry import Telemetry
+from .telemetry import INSTANCE, Telemetry
+from .window import Window
 
 HTTP_STOP_WAIT_S = 5.0
+CANCEL_NOT_FOUND_DELAY_S = 0.3  # an instance that does not know a cancelled request answers not_found after this
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +75,8 @@ class Worker:
         self.store = Store(settings.log_path, retention_days=settings.log_retention_days,
                            max_rows=settings.log_max_rows)
         self.metrics = Metrics(settings.model_name)
-        self.ledger = Ledger(self.store, self.metrics)
+        self.ledger = Ledger(self.store, self.metrics, window=Window(settings.stats_window_s),
+                             origin=Origin(settings.model_name, settings.model_kind, INSTANCE, settings.log_prompts))
         self.gate = Gate(in_flight_limit(settings) + settings.http_queue_limit)
         self.started_at = time.time()
         self.should_exit = asyncio.Event()
@@ -76,6 +85,7 @@ class Worker:
         self._loaded: Loaded | None = None
         self._consumer: Consumer | None = None
         self._guard: StreamGuard | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     # --- what telemetry and the HTTP app see -------------------------------------------------
 
@@ -104,12 +114,25 @@ class Worker:
         return self._loaded.card if self._loaded else ModelCard()
 
     async def cancel(self, req_id: str) -> str:
+        """DELETE /v1/requests/{id}: "running" (stopped), "queued" (removed from the queue, its caller told),
+        "not_found" (no instance of the model has it), or "pending" (no instance answered: each remembers the
+        cancel and skips the request if it comes)."""
         state = self._loaded.runner.cancel(req_id) if self._loaded else "queued"
-        if self._nc is not None:  # it may be queued or running on another instance
-            s = self.settings
-            await self._nc.publish(p.cancel_subject(s.model_kind, s.model_name),
-                                   p.dumps(p.CancelRequest(req_id=req_id)))
-        return state
+        if self._nc is None:
+            return "running" if state == "running" else "pending"
+        s = self.settings
+        subject, body = p.cancel_subject(s.model_kind, s.model_name), p.dumps(p.CancelRequest(req_id=req_id))
+        if state == "running":  # stopped here; another instance may hold a copy (a redelivery)
+            await self._nc.publish(subject, body)
+            return state
+        try:  # every instance hears it; the one that has the request answers first, the others not_found later
+            reply = await self._nc.request(subject, body, timeout=CANCEL_NOT_FOUND_DELAY_S + 1.0)
+        except Exception:
+            return "pending"
+        answer = p.loads(reply.data) if reply.data else {}
+        if answer.get("cancelled"):
+            return str(answer.get("state") or "running")
+        return "not_found" if (answer.get("error") or {}).get("type") == "not_found" else "pending"
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -130,14 +153,18 @@ class Worker:
                                               events=self.store, auth=s.nats_auth())
                 stack.push_async_callback(_close, nc)
                 js = nc.jetstream()
-                await ensure_stream(js, s, self.store)
-                durable = await ensure_consumer(js, s, self.store)
-                claims, _ = await ensure_answered(js, s, self.store)
+                try:
+                    await ensure_stream(js, s, self.store)
+                    durable = await ensure_consumer(js, s, self.store)
+                    claims, _ = await ensure_answered(js, s, self.store)
+                except (JsApiError, NatsTimeout) as e:
+                    raise StartupError(_queue_failure(e, s.nats_url)) from None
                 guard = self._guard = StreamGuard(nc, js, s, self.store, self.ledger.record)  # recreates them
                 await guard.start()
                 stack.push_async_callback(guard.stop)
                 # 2. telemetry: health, heartbeats (`starting` goes out now), backpressure reports
                 telemetry = Telemetry(nc, js, s, self.store, self, self.metrics, watch=guard)
+                self.ledger.events = telemetry.publish_event  # each finished request on events.request.<model>
                 await telemetry.start()
                 stack.push_async_callback(telemetry.stop)
                 # 3. the HTTP API (health and metrics answer while the model loads)
@@ -174,6 +201,7 @@ class Worker:
         s = self.settings
         spec = p.KINDS[s.model_kind]
         self.store.event("model.loading", f"resolving model {s.model_name}")
+        path: Path | None = None
         try:
             path = await asyncio.to_thread(resolve, s)
             engine = Engine(path, embedding=not spec.generates, concurrency=s.worker_concurrency,
@@ -192,8 +220,9 @@ class Worker:
             self.store.event("model.failed", str(e), level="error")
             raise StartupError(str(e)) from None
         except (ValueError, RuntimeError, OSError) as e:
-            self.store.event("model.failed", str(e), level="error")
-            raise StartupError(f"{s.model_name}: could not load the model: {e}") from None
+            why = load_failure(s, path, e)
+            self.store.event("model.failed", why, level="error")
+            raise StartupError(why) from None
         self.store.event("model.loaded", f"{path.name} loaded in {engine.load_seconds:.2f} s",
                          path=str(path), load_seconds=engine.load_seconds)
         self.metrics.load_seconds.labels(s.model_name).set(engine.load_seconds)
@@ -211,7 +240,8 @@ class Worker:
             model_info=model_info(engine.metadata, n_params=engine.n_params, context_size=s.ctx_size,
                                   offload=offload_info(engine)),
         )
-        runner = Runner(model_name=s.model_name, worker_id=s.worker_id, engine=engine, fmt=fmt, grammars=grammars)
+        runner = Runner(model_name=s.model_name, worker_id=s.worker_id, engine=engine, fmt=fmt, grammars=grammars,
+                        sampling=s.sampling_defaults)
         return Loaded(engine, runner, grammars, card)
 
     async def _serve(self, nc: NATS, js: JetStreamContext, durable: str, runner: Runner, telemetry: Telemetry,
@@ -245,21 +275,52 @@ class Worker:
             return
         s = self.settings
         owner = None if msg.subject == p.cancel_subject(s.model_kind, s.model_name) else msg.subject.split(".")[2]
+        # running here: stopped. Otherwise remembered (skipped if it comes), and if this instance queued it and
+        # no worker took it yet, removed from the stream with its caller told (StreamGuard.cancel_queued).
         state = self._loaded.runner.cancel(req_id, owner) if self._loaded else "queued"
+        if state == "queued" and self._guard is not None:
+            state = {"removed": "queued", "taken": "elsewhere", "refused": "refused"}.get(
+                await self._guard.cancel_queued(req_id, owner) or "", "unknown")
         self.store.event("request.cancel", f"cancel {req_id} ({state})", req_id=req_id, state=state, owner=owner)
-        if msg.reply and state == "running" and p.is_inbox(msg.reply, s.limits.reply_prefixes):
-            await msg.respond(p.json_bytes({"req_id": req_id, "cancelled": True, "worker_id": self.settings.worker_id}))
+        if not msg.reply or not p.is_inbox(msg.reply, s.limits.reply_prefixes):
+            return
+        if state in ("running", "queued"):
+            await msg.respond(p.json_bytes({"req_id": req_id, "cancelled": True, "state": state,
+                                            "worker_id": s.worker_id}))
+        elif state == "unknown":  # the instance that has it answers at once; this one only if nobody does
+            task = asyncio.create_task(self._not_found(msg, req_id), name="cancel-not-found")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _not_found(self, msg: Msg, req_id: str) -> None:
+        await asyncio.sleep(CANCEL_NOT_FOUND_DELAY_S)
+        s = self.settings
+        err = p.error_body(404, "not_found", f"no worker of {s.model_name} has request {req_id} queued or running "
+                           "(it finished, expired, or never came); nothing was cancelled")
+        body = {"req_id": req_id, "cancelled": False, "worker_id": s.worker_id, "error": err.model_dump()}
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(msg.reply, p.json_bytes(body), headers=p.error_headers(err))
 
     async def _start_http(self, stack: contextlib.AsyncExitStack) -> None:
         addr = self.settings.http_host_port
         if addr is None:
             return
+        # Bound here, not by uvicorn: its bind failure is a log line and sys.exit() inside a task, which leaves
+        # the process hanging instead of failing.
+        try:
+            sock = socket.create_server(addr, family=socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise StartupError(f"HTTP_ADDR {self.settings.http_addr}: cannot listen on port {addr[1]} ({why}); "
+                               "stop what uses it, choose another HTTP_ADDR, or leave it empty") from None
+        stack.callback(sock.close)
         http = server(build_app(self), *addr)
-        task = asyncio.create_task(http.serve(), name="http")
+        task = asyncio.create_task(http.serve(sockets=[sock]), name="http")
         stack.push_async_callback(_stop_http, http, task)
         while not http.started:
             if task.done():
-                raise StartupError(f"HTTP_ADDR {self.settings.http_addr}: cannot listen there (port in use?); "
+                raise StartupError(f"HTTP_ADDR {self.settings.http_addr}: the HTTP server did not start; "
                                    "choose another HTTP_ADDR or leave it empty")
             await asyncio.sleep(0.02)
 
@@ -268,6 +329,18 @@ async def _stop_http(http: Server, task: asyncio.Task[None]) -> None:
     http.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(task, HTTP_STOP_WAIT_S)
+
+
+def _queue_failure(e: Exception, url: str) -> str:
+    """The one line for a NATS server that took the connection but not the queue (workers/streams.py)."""
+    if isinstance(e, ServiceUnavailableError):
+        return (f"the NATS server at {redact(url)} has no JetStream, which the queue needs; start nats-server with -js "
+                "(`make nats` does) or set NATS_URL to one that has it")
+    if isinstance(e, JsApiError):
+        return (f"JetStream at {redact(url)} refused to set up the queue ({e.description or e}, code {e.err_code}); "
+                "check the server's JetStream limits and STREAM_REPLICAS / QUEUE_MAX_PER_MODEL")
+    return (f"the JetStream API at {redact(url)} did not answer; check that JetStream is enabled and that this NATS "
+            "user may use $JS.API (NATS_URL and its credentials)")
 
 
 async def _close(nc: NATS) -> None:

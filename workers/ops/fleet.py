@@ -15,8 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import discovery
@@ -24,12 +27,12 @@ from .. import protocol as p
 from ..config import ROOT, ConfigError, Settings, available_workers, load_settings
 from ..connection import NatsUnavailable, connect
 from ..logsetup import setup_logging
-from ..modelfile import model_path
+from ..modelfile import located
 from ..settings import redact
 from . import broker
-from .pids import RUN, alive_as, argv_of, record, recorded, stop_pid
+from .pids import DATA, RUN, alive_as, argv_of, pidfile, record, recorded, recorded_names, stop_pid
 
-DEFAULT_WORKERS = ["gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"]
+DEFAULT_WORKERS = ["smollm2-135m", "gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"]
 console = Console() if sys.stdout.isatty() else Console(width=160)  # pipes and CI logs get full rows
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,35 @@ def ensure_nats(url: str) -> None:
     host, port = broker.host_port(url)
     log = RUN / "nats.log"
     RUN.mkdir(parents=True, exist_ok=True)
-    proc = broker.start(port, ROOT / "data" / "nats", host=host, log_file=log)
+    proc = broker.start(port, DATA / "nats", host=host, log_file=log)
     record("nats", proc.pid, argv_of(proc))
     console.print(f"NATS: nothing answered at {redact(url)}; started embedded nats-server (pid {proc.pid}, "
-                  f"JetStream store data/nats/, log {log.relative_to(ROOT)})")
+                  f"JetStream store {shown(DATA / 'nats')}/, log {shown(log)})")
+
+
+def shown(path: Path) -> str:
+    """A path as the user reads it: relative to the checkout when it lies inside."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One worker to start: its settings and the command line (a name from envs/, or an env file)."""
+
+    settings: Settings
+    argv: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.settings.model_name
+
+
+def spec(arg: str) -> Spec:
+    """`smollm2-135m` (envs/worker.smollm2-135m.env) or a path to an env file (`path/worker.x.env`)."""
+    if arg.endswith(".env") or os.sep in arg:
+        path = Path(arg).expanduser().resolve()
+        return Spec(load_settings(env_file=path), [sys.executable, "-m", "workers", "--env", str(path)])
+    return Spec(load_settings(arg), [sys.executable, "-m", "workers", arg])
 
 
 def start_background(name: str, argv: list[str] | None = None, env: dict[str, str] | None = None
@@ -62,37 +90,54 @@ def start_background(name: str, argv: list[str] | None = None, env: dict[str, st
 
 
 async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Until an instance of the worker answers health with `online`; False on timeout or when `proc` exits."""
+    """Until this process's worker sends `online` (its ready heartbeat; asked for as health, which carries the same
+    body); False on timeout or when `proc` exits. Another instance of the model being online does not count."""
     try:
         nc = await connect(settings.nats_url, name="fleet", timeout=10, auth=settings.nats_auth())
     except NatsUnavailable:
         return False
+    # The child names itself <model>-<host>-<its pid> unless WORKER_ID names it (our settings were loaded in this
+    # process, so a generated id ends in our pid).
+    generated = settings.worker_id.endswith(f"-{os.getpid()}")
     try:
         return await discovery.wait_online(nc, settings.model_name, timeout=timeout, alive=lambda: proc.poll() is None,
-                                           interval=0.5)
+                                           interval=0.5, worker_id=None if generated else settings.worker_id,
+                                           pid=proc.pid if generated else None)
     finally:
         await nc.close()
 
 
-def up(names: list[str], timeout: float) -> int:
-    settings = [load_settings(n) for n in names]
-    ensure_nats(settings[0].nats_url)
-    failed = start_workers(settings, timeout)
-    start_monitor(settings[0].nats_url)
-    console.print('\nTry: nats req inference.request.gemma3-270m \'{"input":"What is NATS?"}\'   '
-                  "· make logs WORKER=gemma3-270m · make stop")
+def up(names: list[str], timeout: float, monitor: bool = True) -> int:
+    specs = [spec(n) for n in names]
+    ensure_nats(specs[0].settings.nats_url)
+    failed = start_workers(specs, timeout)
+    if monitor:
+        start_monitor(specs[0].settings.nats_url)
+    console.print('\nTry: nats req --timeout 30s inference.request.smollm2-135m \'{"input":"What is NATS?"}\'   '
+                  "· make logs WORKER=smollm2-135m · make stop")
     return 1 if failed else 0
 
 
-def start_workers(settings: list[Settings], timeout: float, urls: list[str] | None = None,
+def running(name: str) -> list[int]:
+    """PIDs of the recorded processes of `name` that still run."""
+    return [pid for _, pid, argv in recorded(name) if alive_as(pid, argv)]
+
+
+def start_workers(specs: list[Spec], timeout: float, urls: list[str] | None = None,
                   env: dict[str, str] | None = None, nodes: list[broker.Node] | None = None) -> bool:
-    """Start each worker in the background (worker i with NATS_URL `urls[i % len(urls)]`) and wait for it; True
-    if any failed. With `nodes`, each line names the node the worker connected to."""
+    """Start each worker in the background (worker i with NATS_URL `urls[i % len(urls)]`) unless ours already runs,
+    and wait for its ready heartbeat: ✓ for those that sent one, ✗ and the last line of the log for the others.
+    True if any failed. With `nodes`, each line names the node the worker connected to."""
     procs = []
-    for i, s in enumerate(settings):
+    for i, sp in enumerate(specs):
+        s = sp.settings
+        if pids := running(sp.name):
+            console.print(f"[green]·[/] {sp.name}: already running (pid {', '.join(map(str, pids))})")
+            continue
         if urls:
             s = s.model_copy(update={"nats_url": urls[i % len(urls)]})
-        procs.append((s, start_background(s.model_name, env={**(env or {}), "NATS_URL": s.nats_url} if urls else env)))
+        child_env = {**(env or {}), "NATS_URL": s.nats_url} if urls else env
+        procs.append((s, start_background(sp.name, sp.argv, env=child_env)))
     failed = False
     with console.status("waiting for workers to load their models …"):
         for s, proc in procs:
@@ -105,11 +150,22 @@ def start_workers(settings: list[Settings], timeout: float, urls: list[str] | No
                               f"{p.request_subject(s.model_kind, s.model_name)} (pid {proc.pid}{where})")
             else:
                 failed = True
-                log = RUN / f"{s.model_name}.log"
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-                console.print(f"[red]✗[/] {s.model_name}: not online (see {log.relative_to(ROOT)}): "
-                              + " / ".join(tail))
+                console.print(f"[red]✗[/] {s.model_name}: {escape(not_online(s.model_name, proc, timeout))}",
+                              highlight=False, soft_wrap=True)  # one line, whole, to copy from
     return failed
+
+
+def not_online(name: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Why a worker sent no ready heartbeat, with the last line of its log."""
+    log = RUN / f"{name}.log"
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    last = lines[-1].strip() if lines else "(the log is empty)"
+    code = proc.poll()
+    if code is None:
+        return (f"no ready heartbeat within {timeout:g} s, still running (pid {proc.pid}; make stop ends it); "
+                f"{shown(log)}: {last}")
+    pidfile(name, proc.pid).unlink(missing_ok=True)
+    return f"exited with code {code}; {shown(log)}: {last}"
 
 
 def cluster(names: list[str], ports: list[int], timeout: float) -> int:
@@ -117,7 +173,7 @@ def cluster(names: list[str], ports: list[int], timeout: float) -> int:
     monitor."""
     nodes = ensure_cluster(ports)
     urls = [broker.cluster_urls(nodes, i) for i in range(len(nodes))]  # a different node first for each worker
-    failed = start_workers([load_settings(n) for n in names], timeout, urls,
+    failed = start_workers([spec(n) for n in names], timeout, urls,
                            env={"STREAM_REPLICAS": str(min(len(nodes), 5))}, nodes=nodes)
     start_monitor(urls[0])
     console.print(f"\nTry: NATS_URL={urls[0]} make monitor-status   · kill a node's pid (data/run/nats.*.pid) "
@@ -128,7 +184,7 @@ def cluster(names: list[str], ports: list[int], timeout: float) -> int:
 def ensure_cluster(ports: list[int]) -> list[broker.Node]:
     """Use the nodes answering on `ports`, or start them (stores under data/cluster/, logs in data/run/)."""
     RUN.mkdir(parents=True, exist_ok=True)
-    nodes, started = broker.local_cluster(ports, ROOT / "data" / "cluster", log_dir=RUN)
+    nodes, started = broker.local_cluster(ports, DATA / "cluster", log_dir=RUN)
     if not started:
         console.print(f"NATS cluster: using the servers at {broker.cluster_urls(nodes)}")
     for n in nodes if started else []:
@@ -142,8 +198,8 @@ def ensure_cluster(ports: list[int]) -> list[broker.Node]:
 
 def start_monitor(nats_url: str) -> None:
     """The monitor (dashboard on MONITOR_ADDR, default 127.0.0.1:8080) beside the workers, unless ours runs."""
-    if any(alive_as(pid, argv) for _, pid, argv in recorded("monitor")):
-        console.print("monitor: already running")
+    if pids := running("monitor"):
+        console.print(f"[green]·[/] monitor: already running (pid {', '.join(map(str, pids))})")
         return
     proc = start_background("monitor", [sys.executable, "-m", "monitor"], env={"NATS_URL": nats_url})
     time.sleep(1.0)
@@ -153,7 +209,7 @@ def start_monitor(nats_url: str) -> None:
                       "· make monitor-cli · make monitor-status")
     else:
         log = RUN / "monitor.log"
-        console.print(f"[red]✗[/] monitor: exited (see {log.relative_to(ROOT)}): "
+        console.print(f"[red]✗[/] monitor: exited (see {shown(log)}): "
                       + " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:]))
 
 
@@ -167,7 +223,8 @@ def start(name: str) -> int:
 
 
 def stop(names: list[str]) -> int:
-    targets = names or [*available_workers(), "monitor", "nats"]
+    # workers first, then the monitor, NATS last (the workers drain through it)
+    targets = names or sorted(recorded_names(), key=lambda n: (n == "nats", n == "monitor", n))
     stopped = 0
     for name in targets:
         for f, pid, argv in recorded(name):
@@ -193,10 +250,8 @@ def list_workers() -> int:
             continue
         source = (f"package {s.model_package}" if s.model_package else
                   f"hf {s.model_repo}/{s.model_file}" if s.model_repo else s.model_path or "?")
-        path = model_path(s)
-        present = "[green]present[/]" if path and path.is_file() else "[yellow]missing[/]"
-        running = any(alive_as(pid, argv) for _, pid, argv in recorded(name))
-        table.add_row(name + (" [green]●[/]" if running else ""), s.model_kind,
+        present = "[green]present[/]" if located(s) else "[yellow]missing[/]"
+        table.add_row(name + (" [green]●[/]" if running(name) else ""), s.model_kind,
                       p.request_subject(s.model_kind, s.model_name), s.http_addr or "-", source, present)
     console.print(table)
     return 0
@@ -252,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("nats", help="start the embedded nats-server unless one answers at NATS_URL")
     u = sub.add_parser("up", help="NATS + the default workers, in the background")
-    u.add_argument("names", nargs="*", default=DEFAULT_WORKERS)
-    u.add_argument("--timeout", type=float, default=300.0)
+    u.add_argument("names", nargs="*", default=DEFAULT_WORKERS, help="worker names (envs/) or env files")
+    u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each worker's ready heartbeat")
+    u.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not start the monitor")
     c = sub.add_parser("cluster", help="a local 3-node NATS cluster + the default workers spread over it + monitor")
     c.add_argument("names", nargs="*", default=DEFAULT_WORKERS)
     c.add_argument("--ports", default=os.environ.get("CLUSTER_PORTS", "4222,4223,4224"),
@@ -274,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_nats(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
             return 0
         if args.cmd == "up":
-            return up(args.names, args.timeout)
+            return up(args.names, args.timeout, args.monitor)
         if args.cmd == "cluster":
             return cluster(args.names, _ports(args.ports), args.timeout)
         if args.cmd == "start":

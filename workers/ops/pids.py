@@ -1,4 +1,5 @@
-"""PID files under data/run/: every process the fleet verbs start is recorded, and only those are stopped.
+"""PID files under data/run/ (DATA_DIR/run/): every process the fleet verbs start is recorded, and only those
+are stopped.
 
 A recorded PID is signalled only while its command line is still the one recorded (PIDs get reused); nothing
 is ever found or stopped by name.
@@ -15,7 +16,15 @@ from pathlib import Path
 
 from ..config import ROOT
 
-RUN = ROOT / "data" / "run"
+
+def _data() -> Path:
+    """DATA_DIR as the workers read it (default data/ in the checkout; relative to the checkout)."""
+    path = Path(os.environ.get("DATA_DIR") or "data").expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+DATA = _data()
+RUN = DATA / "run"
 
 
 def pidfile(name: str, pid: int) -> Path:
@@ -38,6 +47,12 @@ def recorded(name: str) -> list[tuple[Path, int, list[str]]]:
         except (ValueError, KeyError):
             f.unlink(missing_ok=True)
     return out
+
+
+def recorded_names() -> list[str]:
+    """Every name with a PID file (workers started from env files outside envs/ included)."""
+    names = {f.name[: -len(".pid")].rpartition(".")[0] for f in RUN.glob("*.*.pid")}
+    return sorted(n for n in names if n)
 
 
 def argv_of(proc: subprocess.Popen[bytes]) -> list[str]:
