@@ -162,8 +162,6 @@ async def test_answer_stops_at_the_end_of_turn_token(chat: Chat) -> None:
 
 
 @pytest.mark.model
-@pytest.mark.skipif("default_repeat_penalty" not in Settings.model_fields,
-                    reason="the worker has no DEFAULT_TEMPERATURE/DEFAULT_REPEAT_PENALTY settings yet")
 async def test_a_request_without_sampling_parameters_gets_the_env_file_defaults_and_ends(chat: Chat) -> None:
     reply = await chat.ask({"req_id": "defaults-1", "input": "Name three fruits.", "params": {"seed": 7}})
     assert reply["finish_reason"] == "stop" and END_OF_TURN not in reply["text"], reply
