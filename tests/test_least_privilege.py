@@ -95,7 +95,7 @@ def test_the_generated_config_is_valid_for_one_server_and_for_a_cluster_node(acl
     seeds = sorted((acl_conf / "creds").glob("*.nk"))
     assert [s.name for s in seeds] == ["client.alice.nk", "client.bob.nk", "monitor.monitor.nk",
                                        "worker.embedding.gemma3-270m-embed.nk", "worker.embedding.minilm-l6-v2.nk",
-                                       "worker.inference.gemma3-270m.nk"]
+                                       "worker.inference.gemma3-270m.nk", "worker.inference.smollm2-135m.nk"]
     for seed in seeds:
         assert seed.stat().st_mode & 0o777 == 0o600
         assert seed.read_text().strip() not in accounts  # public keys only
