@@ -100,8 +100,13 @@ async def test_killed_worker_goes_stale_then_offline_on_time_and_the_stream_says
         # stale after 1x the interval (+20% grace), offline after 2x; a tick of slack for the monitor and the reader
         assert 1.0 <= stale - last <= 1.2 + 0.6, stale - last
         assert 2.0 <= offline - last <= 2.0 + 0.6, offline - last
-        updates = [d for _, d in sse.named("service") if d["model_name"] == "gemma3-270m"]
-        assert updates[-1]["status"] == "offline" and updates[-1]["instances"][0]["status"] == "offline"
+
+        def latest_offline() -> bool:  # the model's entry follows its status event in the same tick
+            updates = [d for _, d in sse.named("service") if d["model_name"] == "gemma3-270m"]
+            return bool(updates) and updates[-1]["status"] == "offline" and \
+                updates[-1]["instances"][0]["status"] == "offline"
+
+        await until(latest_offline, timeout=1.0, what="an offline service entry after the status event")
     finally:
         sse.close()
 
@@ -161,3 +166,43 @@ async def test_token_guards_dashboard_api_and_metrics(start_monitor):
     assert status == 200 and b"/static/app.js" in body
     status, _, _ = await asyncio.to_thread(fetch, m.url + "/healthz")
     assert status == 200
+
+
+@pytest.mark.model
+async def test_a_real_request_is_listed_within_a_second_of_its_reply_with_its_worker_stats(
+        start_worker, start_monitor, nc):
+    """End to end: a real worker's request event reaches the monitor's Requests view within 1 s of the reply, and
+    its next heartbeat's window stats (rate, latency, tokens/s) reach /api/services."""
+    w = await start_worker(HEARTBEAT_INTERVAL=1)
+    m = await start_monitor()
+    await until(lambda: _listed(m.url, "gemma3-270m"), timeout=10, what="the worker in /api/services")
+    body = {"req_id": "e2e-1", "input": "Say hello.", "params": {"max_tokens": 8, "temperature": 0}}
+    reply = json.loads((await nc.request("inference.request.gemma3-270m", json.dumps(body).encode(), timeout=60)).data)
+    answered = time.monotonic()
+    assert reply["tokens_out"] > 0, reply
+
+    async def listed() -> dict | None:
+        rows = await get_json(f"{m.url}/api/requests?model=gemma3-270m")
+        return next((r for r in rows if r["req_id"] == "e2e-1"), None)
+
+    row = await until(listed, timeout=5, interval=0.02, what="e2e-1 in /api/requests")
+    took = time.monotonic() - answered
+    assert took < 1.0, f"listed {took:.2f} s after the reply"
+    assert row["status"] == "ok" and row["worker_id"] == reply["worker_id"] and row["tokens_out"] == reply["tokens_out"]
+    assert row.get("input") is None  # no prompt text without LOG_PROMPTS
+
+    async def stats() -> dict | None:
+        inst = (await get_json(f"{m.url}/api/services/gemma3-270m"))["instances"][0]
+        s = inst.get("stats") or {}
+        return inst if s.get("requests", 0) >= 1 and s.get("latency_p50_ms") else None
+
+    inst = await until(stats, timeout=10, what="window stats in the instance")
+    assert inst["stats"]["tokens_out"] == reply["tokens_out"] and inst["stats"]["errors"] == 0
+    assert inst["host"]["memory_total_mb"] > 0 and w.proc.poll() is None
+
+
+async def _listed(url: str, model: str) -> bool:
+    try:
+        return any(s["model_name"] == model for s in await get_json(f"{url}/api/services"))
+    except (OSError, AssertionError):
+        return False
