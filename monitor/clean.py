@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from workers import protocol as p
+
 NAME_MAX = 256  # model names, worker ids, endpoints, capabilities, alert kinds
 TEXT_MAX = 1024  # model card values, alert messages
 ITEMS_MAX = 64  # entries kept per list or object
@@ -59,3 +61,14 @@ def body(obj: dict[str, Any]) -> dict[str, Any]:
         if isinstance(alert, dict) and isinstance(alert.get("kind"), str):
             alert["kind"] = text(alert["kind"], NAME_MAX)
     return out
+
+
+def wire_object(data: bytes) -> dict[str, Any]:
+    """A body off the bus parsed as a JSON object (not yet cleaned); ValueError if it is not one."""
+    try:
+        obj = p.loads(data)
+    except p.BadRequest as e:
+        raise ValueError(e.message) from None
+    if not isinstance(obj, dict):
+        raise ValueError("body is not a JSON object")
+    return obj

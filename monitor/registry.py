@@ -65,13 +65,7 @@ SERVICE_ALERTS = 10  # the newest alerts over a model's instances shown with the
 
 def _wire(data: bytes) -> dict[str, Any]:
     """A body off the bus as a JSON object with its strings cleaned; ValueError if it is not one."""
-    try:
-        obj = p.loads(data)
-    except p.BadRequest as e:
-        raise ValueError(e.message) from None
-    if not isinstance(obj, dict):
-        raise ValueError("body is not a JSON object")
-    obj = clean.body(obj)
+    obj = clean.body(clean.wire_object(data))
     if not all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("model_name", "worker_id")):
         raise ValueError("body names no model or worker")
     return obj

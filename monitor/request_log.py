@@ -25,14 +25,8 @@ SHORT = ("model_name", "worker_id", "req_id", "status", "finish_reason", "error_
 def decode_request_event(data: bytes) -> p.RequestEvent:
     """A request event off the bus, its strings cleaned and bounded; ValueError or ValidationError if it is
     not one."""
-    try:
-        obj = p.loads(data)
-    except p.BadRequest as e:
-        raise ValueError(e.message) from None
-    if not isinstance(obj, dict):
-        raise ValueError("body is not a JSON object")
     fields: dict[str, Any] = {}
-    for key, value in list(obj.items())[: clean.ITEMS_MAX]:
+    for key, value in list(clean.wire_object(data).items())[: clean.ITEMS_MAX]:
         if not isinstance(key, str):
             continue
         if isinstance(value, str):

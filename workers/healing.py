@@ -117,16 +117,8 @@ class StreamGuard:
         except Exception:  # gone already (taken and answered), or JetStream unreachable: the runners remember it
             return "taken"
         self.remembered.remove(entry)
-        err = p.BadRequest("cancelled", "the caller cancelled the request while it was queued; it was removed "
-                           "from the queue and never ran", status=499)
-        data, headers = self.replier.error(entry.req_id, err.status, err.type, err.message, "cancelled")
-        if entry.trace_id:
-            headers[p.H_TRACE_ID] = entry.trace_id
-        with contextlib.suppress(Exception):  # disconnected: nobody can be told
-            await self.replier.send(list(entry.targets), data, headers, entry.req_id)
-        intake = Intake(req_id=entry.req_id, worker_id=self.settings.worker_id, raw_input=entry.raw_input,
-                        trace_id=entry.trace_id, deliveries=0)
-        self.record(Finished.refused(intake, err))
+        await self._tell(entry, p.BadRequest("cancelled", "the caller cancelled the request while it was queued; "
+                                             "it was removed from the queue and never ran", status=499), "cancelled")
         return "removed"
 
     def observe(self, info: ConsumerInfo | None) -> None:
@@ -301,9 +293,10 @@ class StreamGuard:
                 return True
         return False
 
-    async def _tell(self, e: Queued) -> None:
-        err = p.BadRequest("queue_lost", LOST_MESSAGE, status=503)
-        data, headers = self.replier.error(e.req_id, err.status, err.type, err.message)
+    async def _tell(self, e: Queued, err: p.BadRequest | None = None, finish: p.FinishReason = "error") -> None:
+        """Answer a remembered caller `err` (default: its request was lost with the stream) and log it."""
+        err = err or p.BadRequest("queue_lost", LOST_MESSAGE, status=503)
+        data, headers = self.replier.error(e.req_id, err.status, err.type, err.message, finish)
         if e.trace_id:
             headers[p.H_TRACE_ID] = e.trace_id
         with contextlib.suppress(Exception):  # disconnected: nobody can be told
