@@ -4,6 +4,7 @@ local cluster of several (`start_cluster`: routes between the nodes, JetStream o
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import socket
 import subprocess
@@ -45,10 +46,33 @@ def answers(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
+PORT_FLOOR = 20000  # free_port's lowest choice
+
+
 def free_port() -> int:
+    """A port nothing listens on, chosen below the kernel's ephemeral range: a port the kernel hands out (bind to 0)
+    can be taken by an outgoing connection (a cluster route, a client) before the server binds it, which made
+    "address already in use" flakes; ports below that range are never given to outgoing connections."""
+    low = _ephemeral_low()
+    if low > PORT_FLOOR + 1000:
+        for _ in range(50):
+            port = random.randrange(PORT_FLOOR, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: the kernel's choice
 
 
 def start(port: int, store_dir: Path, *, host: str = "127.0.0.1", log_file: Path | None = None,
