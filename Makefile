@@ -9,7 +9,7 @@ FLEET := $(BIN)/python -m workers.ops.fleet
 WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models up cluster start stop list-workers logs nats monitor-dashboard monitor-cli monitor-status \
+.PHONY: help setup models up cluster start stop list-workers logs nats monitor-dashboard gateway monitor-cli monitor-status \
 	browser compose-tool test test-unit bench lint typecheck $(WORKERS)
 
 help: ## this list
@@ -57,6 +57,9 @@ nats: $(STAMP) ## the embedded nats-server only (JetStream, store in data/nats/)
 monitor-dashboard: $(STAMP) ## the monitor: dashboard, REST and SSE on MONITOR_ADDR (default 127.0.0.1:8080)
 	$(BIN)/python -m monitor
 
+gateway: $(STAMP) ## one OpenAI-compatible API for every model, over NATS, on GATEWAY_ADDR (default 127.0.0.1:8000)
+	$(BIN)/python -m gateway
+
 monitor-cli: $(STAMP) ## the fleet as a live table in the terminal (sort keys shown; q quits)
 	$(BIN)/python -m monitor tui
 
@@ -82,10 +85,10 @@ bench: setup ## fleet over NATS vs direct llama-cpp-python and llama.cpp's llama
 	$(BIN)/python scripts/bench_peers.py --build
 
 lint: $(STAMP) ## ruff
-	$(BIN)/ruff check workers monitor cli scripts tests
+	$(BIN)/ruff check workers monitor cli gateway scripts tests
 
 typecheck: $(STAMP) ## mypy (config in pyproject.toml: typed defs everywhere, strict for the wire contract)
-	$(BIN)/mypy workers monitor cli
+	$(BIN)/mypy workers monitor cli gateway
 
 $(WORKERS): $(STAMP)
 	$(FLEET) start $@

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("workers", "monitor", "cli")
+PACKAGES = ("workers", "monitor", "cli", "gateway")
 MAX_CYCLES_SHOWN = 20
 
 

@@ -26,7 +26,7 @@ __all__ = ["PING", "gather", "health", "model_of_ping", "sweep", "wait_online"]
 
 PING = "$SRV.PING"
 # The names a worker accepts as MODEL_NAME; anything else in $SRV metadata is not asked for its health.
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def model_of_ping(data: bytes) -> str | None:
@@ -36,7 +36,7 @@ def model_of_ping(data: bytes) -> str | None:
         model, worker_id = meta.get("model"), meta.get("worker_id")
     except (ValueError, AttributeError):
         return None
-    return model if isinstance(model, str) and _MODEL_NAME.match(model) and worker_id else None
+    return model if isinstance(model, str) and MODEL_NAME.match(model) and worker_id else None
 
 
 async def _replies(nc: NATS, subject: str, wait: float) -> AsyncGenerator[bytes, None]:
@@ -80,7 +80,7 @@ async def sweep(nc: NATS, wait: float, *, known: Iterable[str] = (),
     found: list[bytes] = []
 
     async def ask(model: str) -> None:
-        if model in asked or not _MODEL_NAME.match(model):
+        if model in asked or not MODEL_NAME.match(model):
             return
         asked.add(model)
         with contextlib.suppress(Exception):

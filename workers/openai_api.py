@@ -291,7 +291,7 @@ def routes(worker: Serving) -> list[Route]:
         req.check(s.limits)
         out = await run(req, body, p.trace_id(request.headers))
         data = [{"object": "embedding", "index": d.index,
-                 "embedding": _b64(d.embedding) if shape.encoding_format == "base64" else d.embedding}
+                 "embedding": b64(d.embedding) if shape.encoding_format == "base64" else d.embedding}
                 for d in out.data]
         return JSONResponse({"object": "list", "data": data, "model": out.model, "usage": out.usage.model_dump()})
 
@@ -308,5 +308,5 @@ def routes(worker: Serving) -> list[Route]:
     ]
 
 
-def _b64(vector: list[float]) -> str:
+def b64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
