@@ -32,7 +32,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for package in ("workers", "monitor", "cli"):
+    for package in ("workers", "monitor", "cli", "gateway"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("whl")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(out), str(src)],
@@ -67,7 +67,8 @@ def test_the_wheel_builds_without_setuptools_warnings(wheel: tuple[Path, str]) -
     assert not warnings, "\n".join(warnings)
     names = set(zipfile.ZipFile(path).namelist())
     assert {"workers/ops/fleet.py", "workers/ops/broker.py", "workers/bert_gguf.py", "workers/formats/__init__.py",
-            "monitor/static/index.html", "monitor/static/app.js", "monitor/static/app.css", "cli/chat.py"} <= names
+            "monitor/static/index.html", "monitor/static/app.js", "monitor/static/app.css", "cli/chat.py",
+            "gateway/app.py"} <= names
     assert not any(n.startswith(("tests/", "scripts/", "envs/", "data/")) for n in names)
 
 
