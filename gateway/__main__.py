@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 
 from monitor.feed import login_refused
 from workers.access import is_loopback
+from workers.httpkit import listen
 from workers.logsetup import setup_logging
 from workers.settings import redact
 
@@ -31,10 +31,8 @@ def serve(settings: GatewaySettings) -> int:
     from .app import create_app
 
     host, port = settings.host_port
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = listen(host, port)
     except OSError as e:
         print(f"error: cannot listen on GATEWAY_ADDR={settings.gateway_addr} ({e.strerror}); stop what holds it or "
               "set GATEWAY_ADDR=127.0.0.1:8001", file=sys.stderr)

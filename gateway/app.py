@@ -8,7 +8,6 @@ connected, `/health/ready` 200 once at least one model has an online worker (503
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -60,14 +59,8 @@ def create_app(settings: GatewaySettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(feed.run(), name="feed")
-        try:
+        async with feed.running():
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await feed.close()
 
     app = Starlette(routes=[
         *routes(fleet, settings),

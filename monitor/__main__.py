@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 
 from workers.access import is_loopback
+from workers.httpkit import listen
 from workers.logsetup import setup_logging
 from workers.settings import redact
 
@@ -31,11 +31,8 @@ def serve(settings: MonitorSettings) -> int:
     from .web import create_app
 
     host, port = settings.host_port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = listen(host, port)
     except OSError as e:
         print(f"error: cannot listen on MONITOR_ADDR={settings.monitor_addr} ({e.strerror}); "
               "stop what holds it or set MONITOR_ADDR=127.0.0.1:9000", file=sys.stderr)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -90,6 +91,18 @@ class Feed:
                 log.error("%s", e)
                 await asyncio.sleep(retry_refused)
         await self.start()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Feed the registry in a task while the body runs (an app's lifespan); then stop and disconnect."""
+        task = asyncio.create_task(self.run(), name="feed")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await self.close()
 
     async def close(self) -> None:
         if self._push is not None:

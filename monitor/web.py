@@ -157,14 +157,8 @@ def create_app(settings: MonitorSettings, registry: Registry | None = None, *, f
         if source is None:
             yield
             return
-        task = asyncio.create_task(source.run(), name="feed")
-        try:
+        async with source.running():
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await source.close()
 
     app = Starlette(routes=[
         Route("/", guarded(dashboard, page=True)),

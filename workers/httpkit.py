@@ -4,6 +4,7 @@ anything unexpected, and the body reader that refuses a body past the limit with
 from __future__ import annotations
 
 import logging
+import socket
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -14,6 +15,12 @@ from starlette.responses import JSONResponse, Response
 
 from . import protocol as p
 from .surface import Serving
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (OSError if it cannot be had), bound before the server starts: uvicorn's
+    own bind failure is a log line and `sys.exit()` inside a task, which leaves a process hanging, not failing."""
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
 
 # The request field a refusal is about, for the `param` of OpenAI's error body.
 PARAM_OF = {"context_overflow": "max_tokens", "invalid_grammar": "grammar", "unknown_grammar": "grammar",

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from .engine import Engine
 from .grammars import GrammarStore
 from .healing import StreamGuard
 from .httpapi import Server, build_app, server
+from .httpkit import listen
 from .metrics import Metrics
 from .modelfile import ModelNotFound, load_failure, resolve
 from .modelinfo import capabilities, model_info, offload_info
@@ -306,10 +306,8 @@ class Worker:
         addr = self.settings.http_host_port
         if addr is None:
             return
-        # Bound here, not by uvicorn: its bind failure is a log line and sys.exit() inside a task, which leaves
-        # the process hanging instead of failing.
         try:
-            sock = socket.create_server(addr, family=socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+            sock = listen(*addr)
         except OSError as e:
             why = os.strerror(e.errno) if e.errno else str(e)
             raise StartupError(f"HTTP_ADDR {self.settings.http_addr}: cannot listen on port {addr[1]} ({why}); "
