@@ -103,6 +103,8 @@ class Settings(NatsSettings, BackpressureSettings):
     drain_timeout: float = Field(default=30.0, ge=0)
     poison_max_crashes: int = Field(default=2, ge=1)  # attempts that ended with the worker gone, then dead_letter
     reply_prefixes: str = ",".join(REPLY_PREFIXES)  # where answers may go (comma-separated subject prefixes)
+    # how long an answer nobody listens for is sent again (a caller re-subscribing after a broker restart)
+    reply_listen_s: float = Field(default=10.0, ge=0)
 
     # what one request may ask (protocol.Limits)
     max_tokens_limit: int = Field(default=0, ge=0)  # 0: CTX_SIZE

@@ -42,6 +42,7 @@ class Consumer:
         self.attempts = attempts  # None: no crash counting (a poison message is retried up to max_deliver)
         self.limits = settings.limits
         self.in_flight: dict[asyncio.Task[None], Msg] = {}
+        self._lent: set[asyncio.Task[None]] = set()  # tasks that gave their slot back early (_lend_slot)
         self.slots = asyncio.Semaphore(in_flight_limit(settings))
         self.aborted = False  # set when a drain runs out of time: whatever is running goes back to the queue
         self._pull: asyncio.Task[None] | None = None
@@ -102,7 +103,10 @@ class Consumer:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(task, None)
         self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
-        self.slots.release()
+        if task in self._lent:
+            self._lent.discard(task)
+        else:
+            self.slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("worker: request task failed: %r", task.exception())
 
@@ -190,7 +194,7 @@ class Consumer:
             else:
                 if claim != "mine":
                     headers[p.H_DUPLICATE] = "true"
-                if not await self._answer(targets, data, headers, finished.intake.req_id):
+                if not await self._answer(targets, data, headers, finished.intake.req_id, msg):
                     # Not confirmed (the connection dropped): no ack, the claim released, so the next attempt
                     # answers (marked Fleet-Duplicate: this answer may have reached the caller all the same).
                     if self.answered is not None:
@@ -203,16 +207,44 @@ class Consumer:
             await self._ack(msg)
         self.ledger.record(finished)
 
-    async def _answer(self, targets: list[str], data: bytes, headers: dict[str, str], req_id: str) -> bool:
+    async def _answer(self, targets: list[str], data: bytes, headers: dict[str, str], req_id: str,
+                      msg: Msg | None = None) -> bool:
         """Publish the answer and wait until the server has it: a publish during a reconnect waits in the
         client's buffer, so keep asking (a flush goes out behind it) until the server confirms or ack_wait runs
-        out; False when it never does (the message is then answered again by the next attempt)."""
-        try:
-            await self.replier.send(targets, data, headers or None, req_id)
-        except Exception as e:
-            self.store.event("reply.unconfirmed", f"the answer could not be sent ({e!r}); it will be sent "
-                             "again", level="warning", req_id=req_id)
-            return False
+        out; False when it never does (the message is then answered again by the next attempt).
+
+        A confirmed answer may still have found nobody listening: after a broker restart the worker can be back
+        before its caller has subscribed again, and the server drops what no subscription matches. Such copies
+        (the server says so: `Replier.unheard`) are sent again until the caller listens, for up to
+        REPLY_LISTEN_S, while the message is kept; then it is given up as a caller gone."""
+        give_up = time.monotonic() + self.settings.reply_listen_s
+        while True:
+            try:
+                sent = await self.replier.send(targets, data, headers or None, req_id, watch=True)
+            except Exception as e:
+                self.store.event("reply.unconfirmed", f"the answer could not be sent ({e!r}); it will be sent "
+                                 "again", level="warning", req_id=req_id)
+                return False
+            if not await self._confirmed(req_id):
+                return False
+            targets = await self.replier.unheard(sent)
+            if not targets:
+                return True
+            if time.monotonic() > give_up:
+                self.store.event("reply.unheard", f"nobody listened on {', '.join(targets)} for "
+                                 f"{self.settings.reply_listen_s:g} s: the caller has gone; its answer is only in "
+                                 "this log", level="warning", req_id=req_id)
+                return True
+            if self._lend_slot():  # the first time: waiting for a caller is no reason to pull less
+                self.store.event("reply.waiting", f"nobody listens on {', '.join(targets)} (a caller reconnecting?);"
+                                 f" sending the answer again for up to {self.settings.reply_listen_s:g} s",
+                                 req_id=req_id)
+            if msg is not None:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+            await asyncio.sleep(0.25)
+
+    async def _confirmed(self, req_id: str) -> bool:
         deadline = time.monotonic() + self.settings.queue_ack_wait_s
         while True:
             try:
@@ -224,6 +256,16 @@ class Consumer:
                                      "will be sent again", level="warning", req_id=req_id)
                     return False
                 await asyncio.sleep(0.2)
+
+    def _lend_slot(self) -> bool:
+        """Give the current task's in-flight slot back before the task ends; True the first time."""
+        task = asyncio.current_task()
+        if task is None or task in self._lent:
+            return False
+        if task in self.in_flight:
+            self._lent.add(task)
+            self.slots.release()
+        return True
 
     async def _give_back(self, msg: Msg, crashes: int, delay: float | None = None) -> None:
         if self.attempts is not None:

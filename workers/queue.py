@@ -9,7 +9,9 @@ failure. Workers of one model share one durable pull consumer. Messages that exh
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -48,11 +51,16 @@ def header_bytes(headers: dict[str, str] | None) -> int:
 
 
 class Replier:
-    """Publishes replies with the payload+headers size guard (nats-py checks only the payload)."""
+    """Publishes replies with the payload+headers size guard (nats-py checks only the payload), and tells which
+    answers found nobody listening (`send(..., watch=True)`, then `unheard` after a flush)."""
 
     def __init__(self, nc: NATS, settings: Settings) -> None:
         self.nc = nc
         self.settings = settings
+        self._statuses: Subscription | None = None
+        self._serial = itertools.count()
+        self._missed: set[str] = set()  # watched reply subjects the server said nobody heard
+        self._draining = asyncio.Lock()
 
     def error(self, req_id: str, status: int, type_: str, message: str,
               finish_reason: p.FinishReason = "error") -> tuple[bytes, dict[str, str]]:
@@ -63,13 +71,37 @@ class Replier:
         return p.dumps(body), p.error_headers(err)
 
     async def send(self, targets: list[str], data: bytes, headers: dict[str, str] | None = None,
-                   req_id: str = "") -> None:
+                   req_id: str = "", watch: bool = False) -> dict[str, str]:
+        """Publish to every target once. With `watch`, each copy carries a reply subject of this worker's own:
+        the server answers a publish that no subscription matched with a 503 status there (no_responders, which
+        nats-py asks for in CONNECT), ahead of the reply to a flush sent behind it; returns {reply: target}."""
         if len(data) + header_bytes(headers) > self.nc.max_payload:
             data, headers = self.error(req_id, 413, "response_too_large",
                                        f"the response is {len(data)} bytes, over the server's max_payload "
                                        f"{self.nc.max_payload}; ask for fewer tokens")
+        sent: dict[str, str] = {}
         for subject in dict.fromkeys(targets):
-            await self.nc.publish(subject, data, headers=headers or None)
+            reply = await self._watch_subject() if watch else ""
+            await self.nc.publish(subject, data, reply=reply, headers=headers or None)
+            sent[reply] = subject
+        return sent
+
+    async def _watch_subject(self) -> str:
+        if self._statuses is None:
+            self._statuses = await self.nc.subscribe(self.nc.new_inbox() + ".*")
+        return f"{self._statuses.subject[:-2]}.{next(self._serial)}"
+
+    async def unheard(self, sent: dict[str, str]) -> list[str]:
+        """The targets of `send(..., watch=True)` that nobody listened on; call after a flush confirmed it (the
+        server's statuses are then already in this subscription's queue)."""
+        async with self._draining:  # one reader: another request's answer may be waiting for its statuses too
+            while self._statuses is not None and self._statuses.pending_msgs:
+                status = await self._statuses.next_msg()
+                if (status.headers or {}).get("Status") == "503":
+                    self._missed.add(status.subject)
+        missed = [target for reply, target in sent.items() if reply in self._missed]
+        self._missed.difference_update(sent)
+        return missed
 
 
 def reply_targets(*candidates: str | None, prefixes: tuple[str, ...] = p.REPLY_PREFIXES) -> list[str]:

@@ -161,3 +161,40 @@ async def test_a_worker_frozen_past_ack_wait_does_not_answer_a_second_time(start
     # a did resume with work b had answered, and kept quiet about it
     events = sqlite3.connect(a.db).execute("SELECT count(*) FROM events WHERE code = 'request.duplicate'")
     assert events.fetchone()[0] >= 1
+
+
+async def test_an_answer_waits_for_a_caller_that_is_reconnecting(start_worker, nc, nats_server):
+    """After a broker restart a worker can be back before its caller has subscribed again, and the server drops
+    an answer nobody listens for (core NATS): the worker must see that (the server's no-responders status) and
+    send it again until the caller listens, for up to REPLY_LISTEN_S; a caller that never comes back is logged."""
+    w = await start_worker(REPLY_LISTEN_S="6")
+    inbox = nc.new_inbox()
+    later = inbox + ".later"
+    gone = inbox + ".gone"
+    for req_id, reply in (("away-1", later), ("away-2", gone)):
+        body = {"req_id": req_id, "input": "Count to 10.", "params": {"max_tokens": 8, "temperature": 0}}
+        await nc.publish(GEMMA, json.dumps(body).encode(), reply=reply)
+    await nc.flush()
+    # nobody listens on either inbox while the worker answers (8 tokens: well under 2 s)
+    db = sqlite3.connect(w.db)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and db.execute(
+            "SELECT count(*) FROM events WHERE code = 'reply.waiting'").fetchone()[0] < 2:
+        await asyncio.sleep(0.1)
+    caller = await nats.connect(nats_server.url)  # the caller, back: subscribes its inbox again
+    sub = await caller.subscribe(later)
+    answer = json.loads((await sub.next_msg(timeout=5)).data)
+    assert answer["req_id"] == "away-1" and not answer.get("error")
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.next_msg(timeout=0.5)  # once
+    await caller.close()
+    while time.monotonic() < deadline and not db.execute(
+            "SELECT count(*) FROM events WHERE code = 'reply.unheard'").fetchone()[0]:
+        await asyncio.sleep(0.2)
+    rows = db.execute("SELECT json_extract(meta, '$.req_id'), code FROM events WHERE code LIKE 'reply.%' "
+                      "ORDER BY id").fetchall()
+    assert ("away-1", "reply.waiting") in rows and ("away-2", "reply.unheard") in rows, rows
+    assert ("away-1", "reply.unheard") not in rows
+    ok = await ask(nc, GEMMA, {"input": "Say hi.", "params": {"max_tokens": 2, "temperature": 0}})
+    assert not ok.get("error")  # the worker went on serving while it waited
+    assert w.proc.poll() is None
