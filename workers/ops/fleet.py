@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,19 +199,37 @@ def ensure_cluster(ports: list[int]) -> list[broker.Node]:
 
 
 def start_monitor(nats_url: str) -> None:
-    """The monitor (dashboard on MONITOR_ADDR, default 127.0.0.1:8080) beside the workers, unless ours runs."""
-    if pids := running("monitor"):
-        console.print(f"[green]·[/] monitor: already running (pid {', '.join(map(str, pids))})")
+    """The monitor (dashboard on MONITOR_ADDR, default 127.0.0.1:8080) and the gateway (the OpenAI API for every
+    model on GATEWAY_ADDR, default 127.0.0.1:8000) beside the workers, unless ours run."""
+    port = os.environ.get("MONITOR_ADDR", ":8080").rpartition(":")[2]
+    start_front("monitor", nats_url, f"http://127.0.0.1:{port}/healthz",
+                f"dashboard on http://127.0.0.1:{port}/", "make monitor-cli · make monitor-status")
+    port = os.environ.get("GATEWAY_ADDR", ":8000").rpartition(":")[2]
+    start_front("gateway", nats_url, f"http://127.0.0.1:{port}/health",
+                f"OpenAI API on http://127.0.0.1:{port}/v1", f"curl http://127.0.0.1:{port}/v1/models")
+
+
+def start_front(name: str, nats_url: str, health: str, serves: str, hint: str, timeout: float = 15.0) -> None:
+    """`python -m <name>` in the background; ✓ once `health` answers, ✗ with its log's last lines if it exits."""
+    if pids := running(name):
+        console.print(f"[green]·[/] {name}: already running (pid {', '.join(map(str, pids))})")
         return
-    proc = start_background("monitor", [sys.executable, "-m", "monitor"], env={"NATS_URL": nats_url})
-    time.sleep(1.0)
+    proc = start_background(name, [sys.executable, "-m", name], env={"NATS_URL": nats_url})
+    ends = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < ends:
+        try:
+            urllib.request.urlopen(health, timeout=1).close()
+            break
+        except urllib.error.HTTPError:  # answering (a 503 while it connects to NATS)
+            break
+        except OSError:
+            time.sleep(0.2)
     if proc.poll() is None:
-        port = os.environ.get("MONITOR_ADDR", ":8080").rpartition(":")[2]
-        console.print(f"[green]✓[/] monitor: dashboard on http://127.0.0.1:{port}/ (pid {proc.pid}) "
-                      "· make monitor-cli · make monitor-status")
+        console.print(f"[green]✓[/] {name}: {serves} (pid {proc.pid}) · {hint}")
     else:
-        log = RUN / "monitor.log"
-        console.print(f"[red]✗[/] monitor: exited (see {shown(log)}): "
+        log = RUN / f"{name}.log"
+        pidfile(name, proc.pid).unlink(missing_ok=True)
+        console.print(f"[red]✗[/] {name}: exited (see {shown(log)}): "
                       + " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:]))
 
 
@@ -223,8 +243,8 @@ def start(name: str) -> int:
 
 
 def stop(names: list[str]) -> int:
-    # workers first, then the monitor, NATS last (the workers drain through it)
-    targets = names or sorted(recorded_names(), key=lambda n: (n == "nats", n == "monitor", n))
+    # workers first, then the monitor and the gateway, NATS last (the workers drain through it)
+    targets = names or sorted(recorded_names(), key=lambda n: (n == "nats", n in ("monitor", "gateway"), n))
     stopped = 0
     for name in targets:
         for f, pid, argv in recorded(name):
