@@ -82,6 +82,7 @@ bench: setup ## fleet over NATS vs direct llama-cpp-python and llama.cpp's llama
 	$(BIN)/python scripts/bench_fleet.py
 	$(BIN)/python scripts/bench_embed.py
 	$(BIN)/python scripts/bench_scheduler.py
+	$(BIN)/python scripts/bench_gateway.py
 	$(BIN)/python scripts/bench_peers.py --build
 
 lint: $(STAMP) ## ruff
