@@ -147,20 +147,30 @@ class Stream:
         self.fleet, self.call, self.sub, self.ends = fleet, call, sub, ends
         self.first: dict[str, Any] = {}
         self.finished = False
+        self.last_index = -1  # of the chunks passed on
 
     async def next(self, first: bool = False) -> dict[str, Any]:
-        """The next message: a chunk `{req_id, index, delta}` or the final response (`done`); raises BadRequest."""
-        try:
-            msg = await self.sub.next_msg(timeout=max(0.001, self.ends - time.monotonic()))
-        except NatsTimeout:
-            raise deadline_passed(self.call) from None
-        if first and not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            self.finished = True
-            raise self.fleet.absent(self.call.model)
-        data = _json(msg.data)
-        if data.get("done") or "delta" not in data:
-            self.finished = True
-        return _checked(data)
+        """The next message: a chunk `{req_id, index, delta}` or the final response (`done`); raises BadRequest.
+
+        A worker killed mid-answer leaves the request to the next attempt, which streams it again from index 0:
+        chunks up to the last index already passed on are skipped (at temperature 0 the second run is the same
+        text; otherwise the client sees the first run's start and the second run's rest)."""
+        while True:
+            try:
+                msg = await self.sub.next_msg(timeout=max(0.001, self.ends - time.monotonic()))
+            except NatsTimeout:
+                raise deadline_passed(self.call) from None
+            if first and not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                self.finished = True
+                raise self.fleet.absent(self.call.model)
+            data = _json(msg.data)
+            if data.get("done") or "delta" not in data:
+                self.finished = True
+                return _checked(data)
+            index = data.get("index")
+            if not isinstance(index, int) or index > self.last_index:
+                self.last_index = index if isinstance(index, int) else self.last_index
+                return data
 
     async def close(self) -> None:
         with contextlib.suppress(NatsError):

@@ -37,6 +37,9 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 class Fleet:
     gateway: GatewayProc
     workers: dict[str, WorkerProc]
+    nats_url: str
+    tmp: Path
+    model_path: Path
 
     def client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -74,7 +77,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         _until(lambda: set(_models(gw)) == {CHAT, EMBED, GONE}, "the gateway did not discover the three workers")
         workers[GONE].terminate()
         _until(lambda: _models(gw)[GONE]["status"] == "offline", "the stopped worker is not shown offline")
-        yield Fleet(gateway, workers)
+        yield Fleet(gateway, workers, server.url, tmp, model_path)
     finally:
         if gateway is not None:
             gateway.stop()
@@ -193,3 +196,36 @@ async def test_client_that_gives_up_on_a_plain_request_cancels_it_on_its_worker(
 
     await asyncio.to_thread(_until, lambda: cancelled() is not None, "the worker did not log the request cancelled")
     assert cancelled()["tokens_out"] < 400
+
+
+async def test_a_worker_killed_during_a_gateway_stream_does_not_lose_it(fleet: Fleet) -> None:
+    """SIGKILL of the worker streaming a gateway request: JetStream hands it to a restarted worker after ack_wait,
+    which streams it again from the start; the client gets one text, the killed worker's chunks then the rest of
+    the new worker's (the row's deliveries show the first worker had it)."""
+    name = "gemma-killed"
+    spawn = dict(MODEL_PATH=fleet.model_path, PROMPT_TEMPLATE=GEMMA_TEMPLATE, MODEL_NAME=name,
+                 WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3)
+    first = spawn_worker(GEMMA_ENV, fleet.nats_url, fleet.tmp / "killed", fleet.tmp, **spawn)
+    second = None
+    try:
+        await wait_online(fleet.nats_url, first)
+        await asyncio.to_thread(_until, lambda: name in _models(fleet.gateway), "the gateway did not discover it")
+        client = fleet.client()
+        stream = await client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Write a long story about a lighthouse."}],
+            max_tokens=64, temperature=0, stream=True)
+        deltas: list[str] = []
+        async for event in stream:
+            deltas.append(event.choices[0].delta.content or "")
+            if len([d for d in deltas if d]) == 5 and second is None:  # mid-answer
+                first.kill()
+                second = spawn_worker(GEMMA_ENV, fleet.nats_url, fleet.tmp / "killed", fleet.tmp, **spawn)
+        await client.close()
+        assert second is not None, "the answer was shorter than expected"
+        row = request_row(second, event.id.removeprefix("chatcmpl-"))
+        assert row["status"] == "ok" and row["deliveries"] >= 2 and row["worker_id"].endswith(str(second.proc.pid))
+        assert "".join(deltas) == row["response_text"]  # not the killed worker's start twice
+    finally:
+        for w in (first, second):
+            if w is not None:
+                w.kill()
