@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from monitor.feed import login_refused
+from workers import tracing
 from workers.access import is_loopback
 from workers.httpkit import listen
 from workers.logsetup import setup_logging
@@ -14,11 +15,24 @@ from workers.settings import redact
 from .config import ConfigError, GatewaySettings, load_settings
 
 
+def preflight(settings: GatewaySettings) -> None:
+    """Read the files the settings name (API keys, the webhook secret, the roles) now, so that a bad one stops the
+    gateway with one line (ConfigError) before it listens."""
+    from .clients import load_keys
+    from .jobs import webhook_secret
+    from .routing import load_roles
+
+    if settings.gateway_keys_file:
+        load_keys(settings.gateway_keys_file)
+    webhook_secret(settings)
+    load_roles(settings.gateway_roles_file)
+
+
 def exposure_warning(settings: GatewaySettings) -> str | None:
-    """The one start-up line for a gateway other machines can reach: it has no API keys yet, so anyone who reaches
-    it can run every model in the fleet."""
+    """The one start-up line for a gateway other machines can reach without API keys (GATEWAY_KEYS_FILE): anyone
+    who reaches it can run every model in the fleet."""
     host, port = settings.host_port
-    if is_loopback(host):
+    if is_loopback(host) or settings.gateway_keys_file:
         return None
     return (f"warning: the gateway listens on {host}:{port}, beyond this machine, without API keys: anyone who can "
             f"reach it can use every model of the fleet; put it behind a proxy that checks them, or set "
@@ -59,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         settings = load_settings()
+        preflight(settings)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    tracing.setup("fleet-gateway")  # only with OTEL_EXPORTER_OTLP_ENDPOINT
     try:
         return serve(settings)
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()  # the spans still batched go out
 
 
 if __name__ == "__main__":

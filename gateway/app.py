@@ -21,16 +21,24 @@ from monitor.feed import Feed
 from monitor.registry import Registry
 from monitor.shapes import ServiceEntry
 
+from .cache import ResponseCache
+from .clients import Clients
 from .config import GatewaySettings
 from .fleet import Fleet
-from .routes import routes
+from .jobs import job_routes
+from .metrics import GatewayMetrics
+from .routes import Parts, routes
+from .routing import Router
 
 
-def model_card(entry: ServiceEntry) -> dict[str, Any]:
-    """One model as `/v1/models` lists it: OpenAI's fields, then the fleet's."""
-    return {"id": entry.model_name, "object": "model", "created": int(entry.first_seen), "owned_by": "fleet",
+def model_card(entry: ServiceEntry, router: Router) -> dict[str, Any]:
+    """One model as `/v1/models` lists it: OpenAI's fields, then the fleet's (`breaker`: this gateway's circuit
+    breaker for the model, closed / open / half_open)."""
+    name = entry.model_name
+    return {"id": name, "object": "model", "created": int(entry.first_seen), "owned_by": "fleet",
             "kind": entry.kind, "instances": entry.online_count, "context_length": entry.model_info.get("context_size"),
-            "capabilities": entry.capabilities, "status": entry.status, "model_info": entry.model_info}
+            "capabilities": entry.capabilities, "roles": router.roles_of(name), "status": entry.status,
+            "breaker": router.breaker_state(name), "model_info": entry.model_info}
 
 
 def ready_models(registry: Registry) -> list[str]:
@@ -43,9 +51,13 @@ def create_app(settings: GatewaySettings) -> Starlette:
     registry = Registry(settings.discovery())
     feed = Feed(registry, registry.settings)
     fleet = Fleet(feed, registry)
+    metrics = GatewayMetrics()
+    parts = Parts(fleet, settings, Router(registry, settings), ResponseCache(settings, lambda: feed.nc),
+                  Clients(settings, metrics), metrics)
 
     async def models(_: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card(e) for e in registry.services()]})
+        return JSONResponse({"object": "list", "data": [model_card(e, parts.router)
+                                                        for e in registry.services()]})
 
     async def health(_: Request) -> Response:
         ok = registry.nats_connected
@@ -63,10 +75,12 @@ def create_app(settings: GatewaySettings) -> Starlette:
             yield
 
     app = Starlette(routes=[
-        *routes(fleet, settings),
+        *routes(parts),
+        *job_routes(parts),
+        *parts.metrics.routes(),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
     ], lifespan=lifespan)
-    app.state.registry, app.state.fleet = registry, fleet
+    app.state.registry, app.state.fleet, app.state.parts = registry, fleet, parts
     return app

@@ -8,13 +8,15 @@ their own MONITOR_SWEEP_* / PURGE_AFTER settings from the same environment (`dis
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from monitor.config import MonitorSettings
 from monitor.config import load_settings as monitor_settings
+from workers.config import ROOT
 from workers.settings import ConfigError, NatsSettings, config_error, parse_addr
 
 __all__ = ["ConfigError", "GatewaySettings", "load_settings"]
@@ -32,6 +34,30 @@ class GatewaySettings(NatsSettings):
     gateway_max_timeout_s: float = Field(default=3600.0, gt=0, description="the most a Fleet-Timeout-Ms may ask")
     gateway_max_request_bytes: int = Field(default=1024 * 1024, ge=1024,
                                            description="larger bodies are refused (413) before they are read")
+
+    stream_replicas: int = Field(default=1, ge=1, le=5,
+                                 description="copies of the gateway's KV buckets (cache, jobs) in a NATS cluster")
+
+    # routing (routing.py)
+    gateway_roles_file: Path = Field(default=ROOT / "envs" / "roles.toml",
+                                     description="role aliases (primary, fast, coder, …) and task types → roles")
+    gateway_routing: Literal["least_busy", "round_robin", "capability_match"] = Field(
+        default="least_busy", description="how a role's models are ordered unless the body says `routing`")
+    gateway_breaker_failures: int = Field(default=3, ge=1,
+                                          description="consecutive failures or timeouts that open a model's breaker")
+    gateway_breaker_cooldown_s: float = Field(default=30.0, gt=0,
+                                              description="how long an open breaker routes around its model")
+
+    # clients and limits (clients.py)
+    gateway_keys_file: str = Field(default="", description="API keys (hashed) and their limits; empty: no keys")
+
+    # response cache (cache.py)
+    cache_ttl_s: float = Field(default=0.0, ge=0, description="keep deterministic answers this long; 0: off")
+
+    # jobs and webhooks (jobs.py)
+    jobs_ttl_s: float = Field(default=86400.0, gt=0, description="how long a job's result is kept")
+    webhook_secret: SecretStr = Field(default=SecretStr(""), description="HMAC key of callbacks and ingest")
+    webhook_secret_file: str = Field(default="", description="a file holding WEBHOOK_SECRET (a mounted secret)")
 
     @field_validator("gateway_addr")
     @classmethod

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -21,18 +22,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from workers import discovery
 from workers import protocol as p
 from workers.httpkit import PARAM_OF, Handler, error, error_fields, json_object, read_body, refusal
 from workers.openai_api import OPENAI_PARAMS, Chat, Completion, Embeddings, b64
 
+from . import orchestrate
+from .cache import ResponseCache
+from .clients import Clients
 from .config import GatewaySettings
 from .fleet import Call, Fleet, Stream
+from .metrics import GatewayMetrics
+from .routing import Router
+from .tracing import HttpSpan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PARAMS = {**PARAM_OF, "model_not_found": "model", "wrong_model_kind": "model", "no_worker": "model",
-          "invalid_model": "model"}
+          "invalid_model": "model", "circuit_open": "model", "invalid_task_type": "task_type",
+          "invalid_routing": "routing"}
+NOT_THE_MODEL = {"client_closed", "nats_unavailable"}  # failures the model's breaker does not count
+FALL_THROUGH = {429, 503}  # the next candidate model is tried (no live worker, queue full, breaker open)
 RETRY = {429, 503}  # answered with Retry-After
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -47,35 +56,102 @@ def usage(out: p.InferenceResponse) -> dict[str, Any]:
     return counts
 
 
-def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
+@dataclass
+class Parts:
+    """What the routes use: the fleet connection and the gateway's policies."""
+
+    fleet: Fleet
+    settings: GatewaySettings
+    router: Router
+    cache: ResponseCache
+    clients: Clients
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+
+
+@dataclass
+class Plan:
+    """One HTTP request's fleet requests: the candidate models in order, one req_id, deadline and trace headers."""
+
+    kind: p.Kind
+    models: list[str]
+    timeout_s: float
+    headers: dict[str, str]
+    req_id: str = field(default_factory=p.new_req_id)
+
+    def call(self, model: str) -> Call:
+        return Call(self.kind, model, self.timeout_s, self.headers, self.req_id)
+
+
+def routes(parts: Parts) -> list[Route]:
+    fleet, settings, router, cache, clients, metrics = (parts.fleet, parts.settings, parts.router, parts.cache,
+                                                         parts.clients, parts.metrics)
+
     def answering(fn: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
+            started = time.monotonic()
+            request.state.client, request.state.model = None, None
+            request.state.trace = trace = HttpSpan(request.method, request.url.path, request.headers)
             try:
-                return await fn(request)
+                request.state.client = clients.admit(request)
+                resp = await fn(request)
             except (p.BadRequest, ValidationError) as e:
                 resp = refusal(e, PARAMS)
                 if resp.status_code in RETRY:
-                    resp.headers["Retry-After"] = "1"
-                return resp
+                    resp.headers["Retry-After"] = str(max(1, round(getattr(e, "retry_after", 1))))
             except Exception as e:  # a bug of ours: one logged traceback, the contract's 500
                 log.exception("%s %s failed", request.method, request.url.path)
-                return error(500, "internal_error", f"internal error ({type(e).__name__}); see the gateway's log")
+                resp = error(500, "internal_error", f"internal error ({type(e).__name__}); see the gateway's log")
+            metrics.request(request.url.path, request.state.model or "", request.state.client, resp.status_code,
+                            time.monotonic() - started)
+            trace.end(request, resp.status_code, time.monotonic() - started)
+            return resp
         return wrapped
+
+    def meter(request: Request, model: str, tokens_in: int, tokens_out: int) -> None:
+        """Count a request's tokens against its client (rate limits) and in the metrics."""
+        request.state.model = model
+        clients.used(request.state.client, tokens_in + tokens_out)
+        metrics.tokens(request.state.client, model, tokens_in, tokens_out)
+
+    async def first(request: Request, plan: Plan, send: Callable[[Call], Awaitable[T]]) -> tuple[Call, T]:
+        """The answer of the first candidate model that takes the request: the next one is tried when a model has
+        no live worker, a full queue or an open breaker; the breaker hears how each attempt went."""
+        last: p.BadRequest | None = None
+        for model in plan.models:
+            if not router.allow(model):
+                last = last or p.BadRequest("circuit_open", f"{model} failed {settings.gateway_breaker_failures} "
+                                            f"times in a row; it gets requests again after "
+                                            f"{settings.gateway_breaker_cooldown_s:g} s", status=503)
+                continue
+            call = plan.call(model)
+            if len(plan.models) == 1:
+                fleet.check_kind(plan.kind, model)
+            try:
+                result = await unless_gone(request, call, send(call))
+            except p.BadRequest as e:
+                if e.status >= 500 and e.type not in NOT_THE_MODEL:
+                    router.record(model, ok=False)
+                if e.status in FALL_THROUGH:
+                    last = e
+                    continue
+                raise
+            router.record(model, ok=True)
+            request.state.model = model
+            return call, result
+        assert last is not None
+        raise last
 
     async def body_of(request: Request) -> dict[str, Any]:
         return json_object(await read_body(request, settings.gateway_max_request_bytes))
 
-    def call_for(request: Request, kind: p.Kind, body: dict[str, Any]) -> Call:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise p.BadRequest("invalid_model", "model is required: a model's name, as GET /v1/models lists them")
-        if not discovery.MODEL_NAME.match(model) or len(model) > 200:
-            raise p.BadRequest("invalid_model", f"model {model[:80]!r} is not a model name (letters, digits, '.', "
-                               "'_', '-'); GET /v1/models lists them")
-        fleet.check_kind(kind, model)
+    def plan_for(request: Request, kind: p.Kind, body: dict[str, Any]) -> Plan:
+        models = router.candidates(kind, body)
         trace = {k: v for k in (p.H_TRACEPARENT, p.H_TRACE_ID) if (v := request.headers.get(k)) is not None}
         p.trace_id(trace)  # a malformed one is a 400 here rather than at the worker
-        return Call(kind, model, timeout_of(request), trace)
+        req_id = p.new_req_id()
+        # the client's trace headers, with the gateway's span as the parent of the workers' (tracing.py)
+        headers = request.state.trace.forward(trace, req_id, body.get("model"))
+        return Plan(kind, models, timeout_of(request), headers, req_id)
 
     def timeout_of(request: Request) -> float:
         given = request.headers.get(p.H_TIMEOUT_MS)
@@ -85,8 +161,9 @@ def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
             raise p.BadRequest("invalid_header", f"{p.H_TIMEOUT_MS} is a whole number of milliseconds above 0")
         return min(int(given) / 1000, settings.gateway_max_timeout_s)
 
-    async def unless_gone(request: Request, call: Call, aw: Awaitable[T]) -> T:
-        """`aw`, unless the HTTP client disconnects first: then the request is cancelled on its worker."""
+    async def unless_gone(request: Request, call: Call | list[Call], aw: Awaitable[T]) -> T:
+        """`aw`, unless the HTTP client disconnects first: then the request (or every request in the list, as it
+        stands then) is cancelled on its worker."""
         task = asyncio.ensure_future(aw)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -95,23 +172,84 @@ def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
             gone.cancel()
             if not task.done():
                 task.cancel()
-                fleet.cancel(call)
+                for c in call if isinstance(call, list) else [call]:
+                    fleet.cancel(c)
         if not task.done() or task.cancelled():
             raise p.BadRequest("client_closed", "the client closed the connection; the request was cancelled",
                                status=499)
         return task.result()
 
-    def inference_request(body: dict[str, Any], call: Call, stream: bool | None, **extra: Any) -> p.InferenceRequest:
-        given = {k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None}
-        if "max_tokens" not in given and body.get("max_completion_tokens") is not None:  # OpenAI's newer name
-            given["max_tokens"] = body["max_completion_tokens"]
-        req = p.InferenceRequest.model_validate({"req_id": call.req_id, "params": p.Params.model_validate(given),
+    def inference_request(body: dict[str, Any], plan: Plan, stream: bool | None, **extra: Any) -> p.InferenceRequest:
+        req = p.InferenceRequest.model_validate({"req_id": plan.req_id, "params": params_of(body),
                                                  "stream": bool(stream), **extra})
         req.check()
         return req
 
-    async def answer(request: Request, call: Call, req: p.InferenceRequest) -> p.InferenceResponse:
-        return _inference(await unless_gone(request, call, fleet.ask(call, req)))
+    async def answer(request: Request, plan: Plan, req: p.InferenceRequest) -> tuple[Call, p.InferenceResponse]:
+        call, reply = await first(request, plan, lambda c: fleet.ask(c, req))
+        out = _inference(reply)
+        meter(request, out.model, out.tokens_in, out.tokens_out)
+        return call, out
+
+    async def cached(request: Request, route: str, body: dict[str, Any],
+                     respond: Callable[[], Awaitable[tuple[Call, dict[str, Any]]]]) -> Response:
+        """A non-streamed answer, from the response cache when the request is deterministic and was answered
+        before (`x-fleet-cache: hit`), else from the fleet (and then kept: `miss`)."""
+        key = cache.key(route, body)
+        if key is not None and (hit := await cache.get(key)) is not None:
+            metrics.cache(hit=True)
+            request.state.model = hit.get("model")
+            return JSONResponse(hit, headers={"x-fleet-cache": "hit"})
+        call, out = await respond()
+        headers = {p.H_REQ_ID: call.req_id}
+        if key is not None:
+            metrics.cache(hit=False)
+            await cache.put(key, out)
+            headers["x-fleet-cache"] = "miss"
+        return JSONResponse(out, headers=headers)
+
+    async def orchestrated(request: Request, plan: Plan, body: dict[str, Any], mode: str,
+                           messages: list[dict[str, str]]) -> Response:
+        """Several fleet requests for one answer (orchestrate.py): each step is its own logged request; the HTTP
+        client going away cancels the steps still running."""
+        running: list[Call] = []
+
+        async def step(name: str, model: str, step_messages: list[dict[str, str]],
+                       step_params: dict[str, Any]) -> orchestrate.StepResult:
+            call = Call("inference", model, plan.timeout_s, plan.headers)
+            req = p.InferenceRequest(req_id=call.req_id, messages=step_messages,
+                                     params=p.Params.model_validate(step_params))
+            req.check()
+            started = time.monotonic()
+            running.append(call)
+            try:
+                out = _inference(await fleet.ask(call, req))
+            except asyncio.CancelledError:  # a sibling step failed, or the client went: stop it on its worker
+                fleet.cancel(call)
+                raise
+            finally:
+                running.remove(call)
+            meter(request, out.model, out.tokens_in, out.tokens_out)
+            return orchestrate.StepResult(name, out.model, call.req_id, out.text,
+                                          (time.monotonic() - started) * 1000, out.tokens_in, out.tokens_out)
+
+        given = body.get("models")
+        models = ([m for g in given for m in router.candidates("inference", {"model": g})]
+                  if isinstance(given, list) and given else plan.models)
+        params = params_of(body).model_dump(exclude_none=True)
+        rounds = body.get("rounds", 1)
+        if not isinstance(rounds, int) or isinstance(rounds, bool):
+            raise p.BadRequest("invalid_request", "rounds is a whole number (1-3, critique only)")
+        done = await unless_gone(request, running, orchestrate.run(mode, messages, params, models, step, rounds))
+        request.state.model = done.final.model
+        return JSONResponse({"id": f"chatcmpl-{plan.req_id}", "object": "chat.completion",
+                             "created": int(time.time()), "model": done.final.model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": sum(s.tokens_in for s in done.steps),
+                                       "completion_tokens": sum(s.tokens_out for s in done.steps),
+                                       "total_tokens": sum(s.tokens_in + s.tokens_out for s in done.steps)},
+                             "orchestration": done.block(mode)}, headers={p.H_REQ_ID: plan.req_id})
 
     def streamed(request: Request, call: Call, stream: Stream, chunk: Chunk,
                  final: Callable[[p.InferenceResponse], list[dict[str, Any]]]) -> StreamingResponse:
@@ -146,11 +284,16 @@ def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
     @answering
     async def chat_completions(request: Request) -> Response:
         body = await body_of(request)
-        call = call_for(request, "inference", body)
+        plan = plan_for(request, "inference", body)
         shape = Chat.model_validate(body)
-        req = inference_request(body, call, shape.stream, messages=[{"role": m.role, "content": m.text}
-                                                                     for m in shape.messages])
-        cid, created = f"chatcmpl-{call.req_id}", int(time.time())
+        messages = [{"role": m.role, "content": m.text} for m in shape.messages]
+        mode = body.get("orchestration_mode")
+        if mode is not None and mode != "single":
+            if shape.stream:
+                raise p.BadRequest("invalid_request", "orchestration_mode cannot stream: send \"stream\": false")
+            return await orchestrated(request, plan, body, str(mode), messages)
+        req = inference_request(body, plan, shape.stream, messages=messages)
+        cid, created = f"chatcmpl-{plan.req_id}", int(time.time())
 
         def chunk_of(model: str) -> Chunk:
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -161,10 +304,11 @@ def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
             return chunk
 
         if req.stream:
-            stream = await unless_gone(request, call, fleet.open(call, req))
+            call, stream = await first(request, plan, lambda c: fleet.open(c, req))
             chunk = chunk_of(str(stream.first.get("model") or call.model))
 
             def final(out: p.InferenceResponse) -> list[dict[str, Any]]:
+                meter(request, out.model, out.tokens_in, out.tokens_out)
                 events = [chunk(None, out.finish_reason) | {
                     "choices": [{"index": 0, "delta": {}, "finish_reason": out.finish_reason}]}]
                 if _include_usage(body):
@@ -172,21 +316,24 @@ def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
                 return events
 
             return streamed(request, call, stream, chunk, final)
-        out = await answer(request, call, req)
-        message: dict[str, Any] = {"role": "assistant", "content": out.text}
-        if out.reasoning is not None:
-            message["reasoning_content"] = out.reasoning
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": out.model,
-                             "choices": [{"index": 0, "message": message, "finish_reason": out.finish_reason}],
-                             "usage": usage(out)}, headers={p.H_REQ_ID: call.req_id})
+        async def respond() -> tuple[Call, dict[str, Any]]:
+            call, out = await answer(request, plan, req)
+            message: dict[str, Any] = {"role": "assistant", "content": out.text}
+            if out.reasoning is not None:
+                message["reasoning_content"] = out.reasoning
+            return call, {"id": cid, "object": "chat.completion", "created": created, "model": out.model,
+                          "choices": [{"index": 0, "message": message, "finish_reason": out.finish_reason}],
+                          "usage": usage(out)}
+
+        return await cached(request, "chat", body, respond)
 
     @answering
     async def completions(request: Request) -> Response:
         body = await body_of(request)
-        call = call_for(request, "inference", body)
+        plan = plan_for(request, "inference", body)
         shape = Completion.model_validate(body)
-        req = inference_request(body, call, shape.stream, input=shape.prompt, raw=True)
-        cid, created = f"cmpl-{call.req_id}", int(time.time())
+        req = inference_request(body, plan, shape.stream, input=shape.prompt, raw=True)
+        cid, created = f"cmpl-{plan.req_id}", int(time.time())
 
         def chunk_of(model: str) -> Chunk:
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -197,39 +344,58 @@ def routes(fleet: Fleet, settings: GatewaySettings) -> list[Route]:
             return chunk
 
         if req.stream:
-            stream = await unless_gone(request, call, fleet.open(call, req))
+            call, stream = await first(request, plan, lambda c: fleet.open(c, req))
             chunk = chunk_of(str(stream.first.get("model") or call.model))
 
             def final(out: p.InferenceResponse) -> list[dict[str, Any]]:
+                meter(request, out.model, out.tokens_in, out.tokens_out)
                 events = [chunk("", out.finish_reason)]
                 if _include_usage(body):
                     events.append(chunk("", None) | {"choices": [], "usage": usage(out)})
                 return events
 
             return streamed(request, call, stream, chunk, final)
-        out = await answer(request, call, req)
-        return JSONResponse({**chunk_of(out.model)(out.text, out.finish_reason), "usage": usage(out)},
-                            headers={p.H_REQ_ID: call.req_id})
+        async def respond() -> tuple[Call, dict[str, Any]]:
+            call, out = await answer(request, plan, req)
+            return call, {**chunk_of(out.model)(out.text, out.finish_reason), "usage": usage(out)}
+
+        return await cached(request, "completions", body, respond)
 
     @answering
     async def embeddings(request: Request) -> Response:
         body = await body_of(request)
-        call = call_for(request, "embedding", body)
+        plan = plan_for(request, "embedding", body)
         shape = Embeddings.model_validate(body)
-        req = p.EmbeddingRequest(req_id=call.req_id, input=shape.input, model=call.model)
-        req.check()
-        out = _parsed(p.EmbeddingResponse, await unless_gone(request, call, fleet.ask(call, req)))
-        data = [{"object": "embedding", "index": d.index,
-                 "embedding": b64(d.embedding) if shape.encoding_format == "base64" else d.embedding}
-                for d in out.data]
-        return JSONResponse({"object": "list", "data": data, "model": out.model, "usage": out.usage.model_dump()},
-                            headers={p.H_REQ_ID: call.req_id})
+
+        def embedding_request(call: Call) -> p.EmbeddingRequest:
+            req = p.EmbeddingRequest(req_id=call.req_id, input=shape.input, model=call.model)
+            req.check()
+            return req
+
+        async def respond() -> tuple[Call, dict[str, Any]]:
+            call, reply = await first(request, plan, lambda c: fleet.ask(c, embedding_request(c)))
+            out = _parsed(p.EmbeddingResponse, reply)
+            meter(request, out.model, out.usage.prompt_tokens, 0)
+            data = [{"object": "embedding", "index": d.index,
+                     "embedding": b64(d.embedding) if shape.encoding_format == "base64" else d.embedding}
+                    for d in out.data]
+            return call, {"object": "list", "data": data, "model": out.model, "usage": out.usage.model_dump()}
+
+        return await cached(request, "embeddings", body, respond)
 
     return [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
+
+
+def params_of(body: dict[str, Any]) -> p.Params:
+    """The fleet's sampling parameters from an OpenAI body."""
+    given = {k: body[k] for k in OPENAI_PARAMS if body.get(k) is not None}
+    if "max_tokens" not in given and body.get("max_completion_tokens") is not None:  # OpenAI's newer name
+        given["max_tokens"] = body["max_completion_tokens"]
+    return p.Params.model_validate(given)
 
 
 async def _disconnected(request: Request) -> None:

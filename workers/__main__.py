@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from . import tracing
 from .config import ConfigError, available_workers, load_settings
 from .connection import NatsUnavailable
 from .logsetup import setup_logging
@@ -22,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         settings = load_settings(args.name, args.env)
+        tracing.setup(f"fleet-worker-{settings.model_name}")  # only with OTEL_EXPORTER_OTLP_ENDPOINT
         asyncio.run(Worker(settings).run())
     except (ConfigError, StartupError, NatsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()  # the spans still batched go out
     return 0
 
 

@@ -120,8 +120,8 @@ class Consumer:
         enqueued = _int(h.get(p.H_ENQUEUED_AT), start)
         deadline = _int(h.get(p.H_DEADLINE), enqueued + s.default_timeout_ms)
         intake = Intake(req_id=req_id, worker_id=s.worker_id, trace_id=h.get(p.H_TRACE_ID),
-                        raw_input=msg.data.decode(errors="replace"), deliveries=msg.metadata.num_delivered or 1,
-                        queue_ms=float(start - enqueued))
+                        traceparent=h.get(p.H_TRACEPARENT), raw_input=msg.data.decode(errors="replace"),
+                        deliveries=msg.metadata.num_delivered or 1, queue_ms=float(start - enqueued))
         targets = [h.get(p.H_REPLY_TO)]
         if intake.deliveries > 1 and self.answered is not None and await self.answered.answered_by_other(msg):
             self.store.event("request.duplicate", "delivered again after it was answered (by this worker or "

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from . import protocol as p
+from . import tracing
 from .store import REQUEST_COLUMNS
 
 Status = Literal["ok", "cancelled", "rejected", "expired", "failed", "handed_back", "dead_letter"]
@@ -37,6 +38,7 @@ class Intake:
     source: Source = "nats"
     raw_input: str | None = None
     trace_id: str | None = None
+    traceparent: str | None = None  # the caller's W3C trace context: the parent of this request's spans
     deliveries: int = 1  # JetStream delivery count (0: never queued)
     queue_ms: float = 0.0  # enqueue -> taken by a worker
 
@@ -193,6 +195,7 @@ class Ledger:
                 self.events(finished.event(self.origin))
             except Exception:  # an event is news, not the request's outcome: never let it break the request
                 log.exception("could not hand over the request event of %s", finished.intake.req_id)
+        tracing.record(finished, self.origin)  # its log line, and its spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
         if finished.status == "ok":
             self.total_processed += 1
             self.last_processed_at = finished.ts
