@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,19 @@ def spawn_worker(env_file: Path, nats_url: str, data_dir: Path, tmp: Path, **ove
     proc = subprocess.Popen([sys.executable, "-m", "workers", "--env", str(env_file)], env=env, cwd=ROOT,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     return WorkerProc(proc, name, env, log, data_dir)
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Wait for `check()` (polled every 0.1 s); fail with `what` after `timeout` seconds."""
+    ends = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < ends, what
+        time.sleep(0.1)
+
+
+def models(gw: GatewayProc) -> dict[str, dict[str, Any]]:
+    """The gateway's `/v1/models`, by id."""
+    return {m["id"]: m for m in httpx.get(f"{gw.url}/v1/models", timeout=5).json()["data"]}
 
 
 def request_row(worker: WorkerProc, req_id: str, where: str = "1", timeout: float = 15) -> sqlite3.Row:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -24,7 +23,7 @@ from workers.config import ROOT, load_settings
 from workers.modelfile import resolve
 
 from .conftest import GEMMA_ENV, GEMMA_TEMPLATE, WorkerProc, serve_nats, wait_online
-from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway
+from .gateway_support import GatewayProc, models, request_row, spawn_worker, start_gateway, until
 
 pytestmark = pytest.mark.model  # the workers load real models
 
@@ -45,15 +44,6 @@ class Fleet:
         return openai.AsyncOpenAI(base_url=f"{self.gateway.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def _models(gw: GatewayProc) -> dict[str, dict[str, Any]]:
-    return {m["id"]: m for m in httpx.get(f"{gw.url}/v1/models", timeout=5).json()["data"]}
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    ends = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < ends, what
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +64,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
             asyncio.run(wait_online(server.url, w))
         gateway = start_gateway(server.url, tmp)
         gw = gateway
-        _until(lambda: set(_models(gw)) == {CHAT, EMBED, GONE}, "the gateway did not discover the three workers")
+        until(lambda: set(models(gw)) == {CHAT, EMBED, GONE}, "the gateway did not discover the three workers")
         workers[GONE].terminate()
-        _until(lambda: _models(gw)[GONE]["status"] == "offline", "the stopped worker is not shown offline")
+        until(lambda: models(gw)[GONE]["status"] == "offline", "the stopped worker is not shown offline")
         yield Fleet(gateway, workers, server.url, tmp, model_path)
     finally:
         if gateway is not None:
@@ -194,7 +184,7 @@ async def test_client_that_gives_up_on_a_plain_request_cancels_it_on_its_worker(
             return db.execute("SELECT * FROM requests WHERE instr(raw_input, ?) > 0 AND status = 'cancelled'",
                               (prompt,)).fetchone()
 
-    await asyncio.to_thread(_until, lambda: cancelled() is not None, "the worker did not log the request cancelled")
+    await asyncio.to_thread(until, lambda: cancelled() is not None, "the worker did not log the request cancelled")
     assert cancelled()["tokens_out"] < 400
 
 
@@ -209,7 +199,7 @@ async def test_a_worker_killed_during_a_gateway_stream_does_not_lose_it(fleet: F
     second = None
     try:
         await wait_online(fleet.nats_url, first)
-        await asyncio.to_thread(_until, lambda: name in _models(fleet.gateway), "the gateway did not discover it")
+        await asyncio.to_thread(until, lambda: name in models(fleet.gateway), "the gateway did not discover it")
         client = fleet.client()
         stream = await client.chat.completions.create(
             model=name, messages=[{"role": "user", "content": "Write a long story about a lighthouse."}],

@@ -14,8 +14,7 @@ import hashlib
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from workers.modelfile import resolve
 from workers.settings import ConfigError
 
 from .conftest import GEMMA_ENV, GEMMA_TEMPLATE, WorkerProc, serve_nats, wait_online
-from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway
+from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway, until
 
 pytestmark = pytest.mark.model  # the workers load real models
 
@@ -63,12 +62,6 @@ class Fleet:
             return int(db.execute("SELECT count(*) FROM requests WHERE raw_input LIKE ?", (f"%{text}%",))
                        .fetchone()[0])
 
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    ends = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < ends, what
-        time.sleep(0.1)
 
 
 def _models(gw: GatewayProc) -> set[str]:
@@ -107,7 +100,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         for w in workers.values():
             asyncio.run(wait_online(server.url, w))
         for gw in gateways:
-            _until(lambda g=gw: _models(g) == {CHAT, EMBED}, "a gateway did not discover both workers")
+            until(lambda g=gw: _models(g) == {CHAT, EMBED}, "a gateway did not discover both workers")
         yield Fleet(gateways, workers, keys)
     finally:
         for gw in gateways:

@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,7 +29,7 @@ from nats.js.errors import NotFoundError
 from workers.ops import broker
 
 from .conftest import GEMMA_ENV, GEMMA_TEMPLATE, NatsServer, WorkerProc, serve_nats, wait_online
-from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway
+from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway, until
 
 pytestmark = pytest.mark.model  # the worker loads a real model
 
@@ -72,7 +72,7 @@ class Receiver:
         return f"http://127.0.0.1:{self.server.server_port}{path}"
 
     def at(self, path: str, count: int = 1, timeout: float = 150) -> list[Hook]:
-        _until(lambda: len([h for h in self.hooks if h.path == path]) >= count, f"no {count} callback(s) at {path}",
+        until(lambda: len([h for h in self.hooks if h.path == path]) >= count, f"no {count} callback(s) at {path}",
                timeout)
         return [h for h in self.hooks if h.path == path]
 
@@ -90,12 +90,6 @@ class Fleet:
     bare: GatewayProc
     receiver: Receiver
 
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    ends = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < ends, what
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +214,7 @@ def test_the_callback_arrives_signed_with_the_result(fleet: Fleet) -> None:
     [hook] = fleet.receiver.at("/hook")
     _check_signature(hook)
     delivered = json.loads(hook.body)
-    _until(lambda: (_job(fleet.a, delivered["id"])["callback"] or {}).get("status") == 200,
+    until(lambda: (_job(fleet.a, delivered["id"])["callback"] or {}).get("status") == 200,
            "the delivery is not recorded", 10)
     job = _job(fleet.a, delivered["id"])
     assert delivered["id"] == resp.json()["id"] and delivered["status"] == "succeeded"
@@ -236,7 +230,7 @@ def test_a_failed_callback_is_retried(fleet: Fleet) -> None:
     for hook in (first, second):
         _check_signature(hook)
     assert json.loads(first.body) == json.loads(second.body)
-    _until(lambda: (_job(fleet.b, resp.json()["id"])["callback"] or {}).get("status") == 200,
+    until(lambda: (_job(fleet.b, resp.json()["id"])["callback"] or {}).get("status") == 200,
            "the retry is not recorded", 10)
     assert _job(fleet.a, resp.json()["id"])["callback"] == {"url": url, "status": 200, "attempts": 2}
 
@@ -308,7 +302,7 @@ def test_a_job_whose_gateway_died_is_reported_lost(fleet: Fleet) -> None:
     resp = httpx.post(f"{fleet.bare.url}/v1/jobs", json={"request": request}, timeout=10)
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["id"]
-    _until(lambda: _job(fleet.a, job_id)["status"] == "running", "the job does not run", 30)
+    until(lambda: _job(fleet.a, job_id)["status"] == "running", "the job does not run", 30)
     fleet.bare.proc.kill()
     fleet.bare.proc.wait()
     killed = time.monotonic()

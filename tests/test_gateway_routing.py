@@ -36,7 +36,7 @@ from workers.modelfile import resolve
 from workers.settings import ConfigError
 
 from .conftest import GEMMA_ENV, GEMMA_TEMPLATE, WorkerProc, serve_nats, wait_online
-from .gateway_support import GatewayProc, spawn_worker, start_gateway
+from .gateway_support import GatewayProc, models, spawn_worker, start_gateway, until
 
 SMOL, GEMMA, SPARE = "smollm2-135m", "gemma3-270m", "smollm2-spare"
 SMOL_ENV = ROOT / "envs" / "worker.smollm2-135m.env"
@@ -224,15 +224,6 @@ class Fleet:
     workers: dict[str, WorkerProc]
 
 
-def _models(gw: GatewayProc) -> dict[str, dict[str, Any]]:
-    return {m["id"]: m for m in httpx.get(f"{gw.url}/v1/models", timeout=5).json()["data"]}
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    ends = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < ends, what
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +249,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         gateway = start_gateway(server.url, tmp, GATEWAY_ROLES_FILE=roles, GATEWAY_BREAKER_FAILURES=FAILURES,
                                 GATEWAY_BREAKER_COOLDOWN_S=COOLDOWN_S)
         gw = gateway
-        _until(lambda: {m: c["status"] for m, c in _models(gw).items()} == dict.fromkeys(workers, "online"),
+        until(lambda: {m: c["status"] for m, c in models(gw).items()} == dict.fromkeys(workers, "online"),
                "the gateway did not discover the three workers")
         yield Fleet(server.url, gateway, workers)
     finally:
@@ -329,8 +320,8 @@ async def test_auto_picks_the_role_of_its_task_type(fleet: Fleet) -> None:
         assert error["type"] == "invalid_task_type" and "chat, code" in error["message"]
         # a name that is not a role is a model's name, and no model has it
         assert (await chat(http, "thinker")).status_code == 404
-    models = _models(fleet.gateway)
-    assert models[SMOL]["roles"] == ["primary", "fast", "breaking"] and models[GEMMA]["roles"] == [
+    cards = models(fleet.gateway)
+    assert cards[SMOL]["roles"] == ["primary", "fast", "breaking"] and cards[GEMMA]["roles"] == [
         "fast", "coder", "ghosted"]
 
 

@@ -13,7 +13,7 @@ import gzip
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +30,7 @@ from workers import tracing
 from workers.ops import broker
 
 from .conftest import GEMMA_ENV, GEMMA_TEMPLATE, WorkerProc, serve_nats, wait_online
-from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway
+from .gateway_support import GatewayProc, request_row, spawn_worker, start_gateway, until
 
 pytestmark = pytest.mark.model  # a real worker loads gemma3-270m
 
@@ -148,7 +148,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         asyncio.run(wait_online(server.url, worker))
         gateway = start_gateway(server.url, tmp, **otel)
         gw = gateway
-        _until(lambda: MODEL in _models(gw), "the gateway did not discover the worker")
+        until(lambda: MODEL in _models(gw), "the gateway did not discover the worker")
         yield Fleet(receiver, gateway, worker)
     finally:
         if gateway is not None:
@@ -162,12 +162,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 def _models(gw: GatewayProc) -> set[str]:
     return {m["id"] for m in httpx.get(f"{gw.url}/v1/models", timeout=5).json()["data"]}
 
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    ends = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < ends, what
-        time.sleep(0.1)
 
 
 WORKER_SPANS = {"fleet.request", "queue.wait", "engine.prefill", "engine.decode"}
@@ -224,14 +218,14 @@ def test_json_logs_carry_each_requests_id_trace_and_latency(fleet: Fleet) -> Non
         return next((e for e in _json_lines(log, skip) if e["logger"] == logger and e.get("req_id") == req_id), None)
 
     banner = ("gateway: OpenAI API on",)  # printed, not logged: the start-up line for a terminal
-    _until(lambda: line_of(fleet.gateway.log, "gateway.access", banner) is not None, "no gateway access line")
+    until(lambda: line_of(fleet.gateway.log, "gateway.access", banner) is not None, "no gateway access line")
     access = line_of(fleet.gateway.log, "gateway.access", banner)
     assert access is not None
     assert access | {"method": "POST", "path": "/v1/chat/completions", "status": 200, "model": MODEL,
                      "trace_id": trace, "level": "INFO", "client": None} == access
     assert access["latency_ms"] > 0 and access["ts"].endswith("Z")
     native = ("llama_",)  # llama.cpp's own C output on stderr, not Python's logging
-    _until(lambda: line_of(fleet.worker.log, "workers.requests", native) is not None, "no worker request line")
+    until(lambda: line_of(fleet.worker.log, "workers.requests", native) is not None, "no worker request line")
     done = line_of(fleet.worker.log, "workers.requests", native)
     assert done is not None
     assert done | {"trace_id": trace, "model": MODEL, "status": "ok", "level": "INFO"} == done
