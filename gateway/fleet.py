@@ -80,13 +80,6 @@ class Fleet:
                                "few seconds", status=503)
         return nc
 
-    def check_kind(self, kind: p.Kind, model: str) -> None:
-        """A 404 at once for a model discovery knows to be of the other kind (nobody would answer the subject)."""
-        entry = self.registry.service(model) if model in self.registry.models else None
-        if entry is not None and entry.kind != kind:
-            raise p.BadRequest("wrong_model_kind", f"{model} is an {entry.kind} model; use "
-                               f"{p.KINDS[entry.kind].http_route}", status=404)
-
     def absent(self, model: str) -> p.BadRequest:
         """Nobody answered the model's subject: unknown to discovery (404) or known without a live worker (503)."""
         if model not in self.registry.models:

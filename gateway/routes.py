@@ -124,8 +124,6 @@ def routes(parts: Parts) -> list[Route]:
                                             f"{settings.gateway_breaker_cooldown_s:g} s", status=503)
                 continue
             call = plan.call(model)
-            if len(plan.models) == 1:
-                fleet.check_kind(plan.kind, model)
             try:
                 result = await unless_gone(request, call, send(call))
             except p.BadRequest as e:

@@ -181,6 +181,10 @@ class Router:
         strategy = self._strategy(body)
         role = self._role_of(model, body)
         if role is None:
+            known = self._kind(model)
+            if known is not None and known != kind:  # nobody would answer the subject: say why at once
+                raise p.BadRequest("wrong_model_kind", f"{model} is an {known} model; use "
+                                   f"{p.KINDS[known].http_route}", status=404)
             return [model]
         models = self._of_kind(kind, role)
         if strategy == "round_robin":
