@@ -215,17 +215,20 @@ def start_front(name: str, nats_url: str, health: str, serves: str, hint: str, t
         console.print(f"[green]·[/] {name}: already running (pid {', '.join(map(str, pids))})")
         return
     proc = start_background(name, [sys.executable, "-m", name], env={"NATS_URL": nats_url})
-    ends = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < ends:
+    ends, answered = time.monotonic() + timeout, False
+    while proc.poll() is None and time.monotonic() < ends and not answered:
         try:
             urllib.request.urlopen(health, timeout=1).close()
-            break
+            answered = True
         except urllib.error.HTTPError:  # answering (a 503 while it connects to NATS)
-            break
+            answered = True
         except OSError:
             time.sleep(0.2)
-    if proc.poll() is None:
+    if answered:
         console.print(f"[green]✓[/] {name}: {serves} (pid {proc.pid}) · {hint}")
+    elif proc.poll() is None:
+        console.print(f"[yellow]·[/] {name}: started (pid {proc.pid}) but {health} did not answer within "
+                      f"{timeout:g} s; see {shown(RUN / f'{name}.log')}")
     else:
         log = RUN / f"{name}.log"
         pidfile(name, proc.pid).unlink(missing_ok=True)
