@@ -11,6 +11,7 @@ import openai
 import pytest
 import pytest_asyncio
 
+from workers import discovery
 from workers.ops import broker
 
 from .conftest import EMBED_ENV
@@ -91,20 +92,43 @@ async def test_grammar_crud_and_invalid_grammars(http_worker):
         inline_bad = await http.post("/v1/completions", json={"prompt": "x", "grammar": 'root ::= "a'})
         assert inline_bad.status_code == 400 and inline_bad.json()["error"]["type"] == "invalid_grammar"
         assert (await http.put("/grammars/abc", content='root ::= "x"')).status_code == 200
+        assert (await http.get("/grammars/abc")).json() == {"name": "abc", "gbnf": 'root ::= "x"'}
+        assert {g["name"]: g["source"] for g in (await http.get("/grammars")).json()["grammars"]}["abc"] == "stored"
         assert (await http.delete("/grammars/abc")).status_code == 204
         assert (await http.get("/grammars/abc")).status_code == 404
         assert (await http.delete("/grammars/json")).status_code == 403
 
 
-async def test_saturation_gets_429_never_a_hang(start_worker):
+async def refusal_within(http: httpx.AsyncClient, body: dict, seconds: float) -> tuple[int | str, str, bool]:
+    """A 429 comes at once: (status, error type, says "(limit 2)"), or what happened instead within `seconds`."""
+    try:
+        r = await http.post("/v1/completions", json=body, timeout=seconds)
+    except httpx.TimeoutException:
+        return f"no answer within {seconds} s: admitted, not refused", "", False
+    error = r.json().get("error", {}) if r.status_code != 200 else {}
+    return r.status_code, error.get("type", ""), "(limit 2)" in error.get("message", "")
+
+
+async def test_saturation_gets_429_never_a_hang(start_worker, nc):
+    """Gate capacity = WORKER_CONCURRENCY + HTTP_QUEUE_LIMIT = 2: of 6 requests, exactly 2 answered and 4 refused.
+    The 4 are sent once the worker's health counts the first 2 in progress, so the count is not a race."""
     port = broker.free_port()
     w = await start_worker(HTTP_ADDR=f"127.0.0.1:{port}", WORKER_CONCURRENCY=1, HTTP_QUEUE_LIMIT=1)
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 128, "temperature": 0}  # counts on, to max_tokens
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-        body = {"prompt": "Tell a story.", "max_tokens": 48, "temperature": 0}
-        replies = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(6)))
-    codes = sorted(r.status_code for r in replies)
-    assert codes.count(200) >= 2 and set(codes) <= {200, 429}, codes
-    assert all(r.json()["error"]["type"] == "rate_limited" for r in replies if r.status_code == 429)
+        held = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(2)]
+        for _ in range(300):
+            if [h["queue_metrics"]["active_processing"] for h in await discovery.health(nc, "gemma3-270m")] == [2]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the worker's health never counted the first 2 requests in progress")
+        refused = await asyncio.gather(*(refusal_within(http, body, 30) for _ in range(4)))
+        early = [h.done() for h in held]  # one of the first 2 done before the 4 came: a free slot, no proof
+        answered = await asyncio.gather(*held)
+    assert refused == [(429, "rate_limited", True)] * 4, (early, refused)
+    assert [r.status_code for r in answered] == [200, 200] and early == [False, False], [r.text for r in answered]
+    assert [r.json()["choices"][0]["finish_reason"] for r in answered] == ["length", "length"]
     assert w.proc.poll() is None
 
 
@@ -120,13 +144,24 @@ async def test_bad_http_input_is_a_400_in_openai_shape(http_worker):
         assert (await http.get("/readyz")).status_code == 200 and (await http.get("/healthz")).status_code == 200
 
 
-async def test_logs_hide_prompts_unless_allowed(http_worker):
-    async with httpx.AsyncClient(base_url=http_worker.base, timeout=60) as http:
-        await http.post("/v1/completions", json={"prompt": "secret words", "max_tokens": 2})
-        await asyncio.sleep(0.5)
-        rows = (await http.get("/logs?limit=5")).json()["requests"]
-    assert rows and rows[0]["source"] == "http" and "raw_input" not in rows[0]
-    assert "secret" not in json.dumps(rows)
+@pytest.mark.parametrize("allowed", [False, True], ids=["default", "LOG_PROMPTS_HTTP=1"])
+async def test_logs_hide_prompts_unless_allowed(start_worker, allowed):
+    port = broker.free_port()
+    await start_worker(HTTP_ADDR=f"127.0.0.1:{port}", **({"LOG_PROMPTS_HTTP": "1"} if allowed else {}))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        answer = (await http.post("/v1/completions", json={"prompt": "secret words", "max_tokens": 2})).json()
+        for _ in range(50):  # the log's writer task is behind the answer
+            logs = (await http.get("/logs?limit=5")).json()
+            if logs["requests"]:
+                break
+            await asyncio.sleep(0.1)
+    rows = logs["requests"]
+    assert len(rows) == 1 and rows[0]["source"] == "http" and logs["prompts_included"] is allowed, logs
+    if allowed:
+        assert "secret words" in rows[0]["raw_input"] and rows[0]["response_text"] == answer["choices"][0]["text"]
+    else:
+        assert not {"raw_input", "formatted_input", "response_text"} & rows[0].keys()
+        assert "secret" not in json.dumps(rows)
 
 
 async def test_with_api_key_the_openai_client_needs_it_and_the_probes_do_not(start_worker):

@@ -1,5 +1,10 @@
 """GBNF grammars: the shipped ones (data/grammars/) and the ones users store (DATA_DIR/grammars/).
 
+The two never share a folder. With the default DATA_DIR (the checkout's data/), DATA_DIR/grammars/ *is* the
+shipped folder, and storing there wrote into the checkout: a stored grammar then counted as shipped and could be
+neither replaced nor deleted. So when the folder a store is given is the shipped one, it keeps its grammars in
+the sibling grammars-user/ instead (data/grammars-user/ in a checkout); any other DATA_DIR is unchanged.
+
 Every grammar is measured against the request limits (size, nesting) and then compiled by llama.cpp before it is
 stored or used, so a broken or hostile one is a 400 with a reason, never a crash in the middle of a generation.
 Compiling runs in a thread: a big grammar takes seconds, and the event loop keeps answering health and acks.
@@ -25,15 +30,24 @@ from .protocol import BadRequest, Limits, gbnf_problem
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHIPPED = ROOT / "data" / "grammars"
+APART = "grammars-user"  # where stored grammars go when the folder given for them is the shipped one
 REMEMBERED = 1024  # digests of grammars that compiled: inline grammars are many, memory is not
 DEFAULT_LIMITS = Limits()  # tests; a worker passes its settings.limits
 NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}  # the disk, not the request, is at fault
 
 
+def user_folder(user_dir: Path, shipped_dir: Path = SHIPPED) -> Path:
+    """Where stored grammars go: `user_dir`, unless that is the shipped folder (default DATA_DIR), then its
+    sibling grammars-user/, so a write or delete can never reach a shipped file."""
+    if user_dir.resolve() == shipped_dir.resolve():
+        return user_dir.parent / APART
+    return user_dir
+
+
 class GrammarStore:
     def __init__(self, user_dir: Path, check: Callable[[str], str | None], shipped_dir: Path = SHIPPED,
                  limits: Limits = DEFAULT_LIMITS) -> None:
-        self.user_dir = user_dir
+        self.user_dir = user_folder(user_dir, shipped_dir)
         self.shipped_dir = shipped_dir
         self.check = check  # returns the parser's error message, or None when the grammar compiles
         self.limits = limits
