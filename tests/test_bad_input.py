@@ -16,6 +16,7 @@ from .conftest import ask
 pytestmark = pytest.mark.model  # every test here starts a worker that loads the model
 
 SUBJECT = "inference.request.gemma3-270m"
+HEALTH = "models.gemma3-270m.health"
 
 BAD = [
     (b"{not json", 400, "invalid_json"),
@@ -28,17 +29,36 @@ BAD = [
 ]
 
 
+async def hold_the_only_slot(nc, req_id: str) -> asyncio.Task:
+    """A long generation in the worker's one slot, running (health says so) when this returns."""
+    long = {"req_id": req_id, "input": "Write a long story about a dragon.", "params": {"max_tokens": 400}}
+    task = asyncio.create_task(nc.request(SUBJECT, json.dumps(long).encode(), timeout=300))
+    deadline = time.monotonic() + 60
+    while (await ask(nc, HEALTH, b"", timeout=30))["queue_metrics"]["active_processing"] < 1:
+        assert time.monotonic() < deadline and not task.done(), "the long request never started"
+        await asyncio.sleep(0.1)
+    return task
+
+
+async def cancel(nc, req_id: str, task: asyncio.Task) -> dict:
+    await nc.publish(p.cancel_subject("inference", "gemma3-270m"), p.dumps(p.CancelRequest(req_id=req_id)))
+    return json.loads((await task).data)
+
+
 @pytest.mark.parametrize("payload,code,type_", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
-async def test_bad_request_gets_an_error_reply_within_a_second(start_worker, nc, payload, code, type_):
-    w = await start_worker()
-    t0 = time.monotonic()
-    msg = await nc.request(SUBJECT, payload, timeout=5)
-    assert time.monotonic() - t0 < 1.0
+async def test_bad_request_gets_an_error_reply_while_the_only_slot_is_busy(start_worker, nc, payload, code, type_):
+    """The error reply does not wait for a slot: it comes while the only one is still generating (an ordering, not
+    a speed bound; how fast is `make bench`'s business)."""
+    w = await start_worker(WORKER_CONCURRENCY=1)
+    busy = await hold_the_only_slot(nc, "busy")
+    msg = await nc.request(SUBJECT, payload, timeout=30)
+    assert not busy.done(), "the error reply waited for the running generation"
     body = json.loads(msg.data)
     assert body["finish_reason"] == "error"
     assert body["error"]["code"] == code and body["error"]["type"] == type_, body
     assert body["error"]["message"]
     assert msg.headers[p.H_ERROR_CODE] == str(code)
+    assert (await cancel(nc, "busy", busy))["finish_reason"] == "cancelled"
     # the worker is still serving
     ok = await ask(nc, SUBJECT, {"input": "Hi", "params": {"max_tokens": 4}})
     assert ok["tokens_out"] >= 1
@@ -51,7 +71,8 @@ async def test_rejected_requests_are_logged_once_and_never_queued(start_worker, 
         await nc.request(SUBJECT, json.dumps({"req_id": f"bad-{i}", "input": ""}).encode(), timeout=5)
     js = nc.jetstream()
     info = await js.stream_info(p.STREAM_NAME)
-    assert info.state.messages == 0
+    # last_seq: not even queued and acked at once (that leaves messages == 0 too)
+    assert (info.state.messages, info.state.last_seq) == (0, 0), info.state
     await asyncio.sleep(1.0)  # the log writer batches
     with sqlite3.connect(w.db) as db:
         rows = db.execute("SELECT req_id, status FROM requests WHERE req_id LIKE 'bad-%' ORDER BY req_id").fetchall()
@@ -59,14 +80,19 @@ async def test_rejected_requests_are_logged_once_and_never_queued(start_worker, 
 
 
 async def test_full_queue_answers_503_at_once(start_worker, nc):
+    """`At once`: while the queue it reports full is still full (the running request not done, the waiting one not
+    started), and both are served afterwards."""
     await start_worker(WORKER_CONCURRENCY=1, QUEUE_MAX_PER_MODEL=2)
-    long = {"input": "Write a long story about a dragon.", "params": {"max_tokens": 200, "temperature": 0}}
-    held = asyncio.create_task(nc.request(SUBJECT, json.dumps(long).encode(), timeout=120))
-    queued = asyncio.create_task(nc.request(SUBJECT, json.dumps(long).encode(), timeout=120))
-    await asyncio.sleep(0.5)
-    t0 = time.monotonic()
-    over = json.loads((await nc.request(SUBJECT, json.dumps(long).encode(), timeout=5)).data)
-    assert time.monotonic() - t0 < 1.0
+    held = await hold_the_only_slot(nc, "held")
+    short = {"req_id": "queued", "input": "Say hi.", "params": {"max_tokens": 8, "temperature": 0}}
+    queued = asyncio.create_task(nc.request(SUBJECT, json.dumps(short).encode(), timeout=300))
+    deadline = time.monotonic() + 30
+    while (await ask(nc, HEALTH, b"", timeout=30))["queue_metrics"]["pending_messages"] < 2:
+        assert time.monotonic() < deadline, "the second request never showed in the queue"
+        await asyncio.sleep(0.1)
+    over = json.loads((await nc.request(SUBJECT, json.dumps(short | {"req_id": "over"}).encode(), timeout=30)).data)
     assert over["error"]["code"] == 503 and over["error"]["type"] == "queue_full"
-    for task in (held, queued):
-        assert json.loads((await task).data)["tokens_out"] > 0
+    assert not held.done() and not queued.done(), "the 503 came only after the queue had moved"
+    stopped = await cancel(nc, "held", held)
+    assert stopped["finish_reason"] == "cancelled" and stopped["tokens_out"] > 0
+    assert json.loads((await queued).data)["tokens_out"] > 0

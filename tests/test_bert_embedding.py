@@ -152,7 +152,11 @@ def test_model_resolution_converts_the_package_on_first_use(tmp_path, capfd):
     path = resolve(settings)
     assert path == tmp_path / "m.gguf" and path.stat().st_size > 40e6
     assert "converting" in capfd.readouterr().err
-    assert resolve(settings) == path  # the second start finds the file
+    first = path.stat()
+    assert resolve(settings) == path  # the second start finds the file and uses it as it is
+    again = path.stat()
+    assert (again.st_ino, again.st_mtime_ns, again.st_size) == (first.st_ino, first.st_mtime_ns, first.st_size)
+    assert "converting" not in capfd.readouterr().err
 
 
 @pytest.mark.model

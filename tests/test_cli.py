@@ -71,6 +71,24 @@ async def test_nats_embed_three_inputs_and_stdin(start_worker, nats_server, tmp_
     assert [r["input"] for r in rows] == ["alpha", "beta"] and len(rows[0]["embedding"]) == 640
 
 
+async def test_nats_embed_output_npy_holds_the_workers_vectors_and_a_bad_suffix_is_one_line(start_worker, nats_server,
+                                                                                             tmp_path):
+    import numpy as np
+
+    await start_worker(EMBED_ENV)
+    args = ("-input", "first text", "-input", "second text")
+    r = await cli("nats-embed", *args, "--output", str(tmp_path / "v.npy"), url=nats_server.url)
+    assert r.returncode == 0 and r.stdout == "" and "wrote 2 vector(s) of 640" in r.stderr, r.stderr
+    saved = np.load(tmp_path / "v.npy")
+    j = await cli("nats-embed", *args, "--json", url=nats_server.url)
+    reply = [d["embedding"] for d in sorted(json.loads(j.stdout)["data"], key=lambda d: d["index"])]
+    assert saved.shape == (2, 640) and saved.dtype == np.float32
+    assert np.allclose(saved, np.asarray(reply, dtype=np.float32), atol=1e-6)  # the worker's vectors, in order
+    bad = await cli("nats-embed", *args, "--output", str(tmp_path / "v.csv"), url=nats_server.url)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "must end in .npy or .jsonl, not .csv" in bad.stderr
+    assert not (tmp_path / "v.csv").exists() and "Traceback" not in bad.stderr
+
+
 async def test_errors_are_one_line_and_non_zero(start_worker, nats_server):
     dead = f"nats://127.0.0.1:{broker.free_port()}"
     r = await cli("nats-chat", "-input", "hi", url=dead)

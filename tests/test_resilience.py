@@ -16,34 +16,36 @@ from workers.queue import DeadLetters, ensure_consumer, ensure_stream
 from workers.store import Store
 
 from .conftest import ask, send_many
-
-SUBJECT = "inference.request.gemma3-270m"
-
-
-async def answers(subs, timeout: float) -> list[dict]:
-    out = [json.loads((await s.next_msg(timeout=timeout)).data) for s in subs]
-    await asyncio.sleep(1.0)
-    for s in subs:
-        assert s.pending_msgs == 0, "a caller got more than one answer"
-    return out
+from .queue_support import (
+    NO_EOS,
+    ONE_THREAD,
+    SUBJECT,
+    answers,
+    publish,
+    request_rows,
+    running_on,
+    worker_id,
+)
 
 
 @pytest.mark.model
 async def test_sigkill_mid_generation_loses_nothing(start_worker, nc):
-    a = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3)
+    a = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3, **ONE_THREAD)
     subs = await send_many(nc, 5, 96, "kill")
-    await asyncio.sleep(1.5)  # a holds the first request, the rest are queued
+    assert await running_on(nc, "kill-0") == worker_id(a)  # a holds the first request, the rest are queued
     a.kill()
-    b = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3)
+    b = await start_worker(WORKER_CONCURRENCY=1, QUEUE_ACK_WAIT_S=3, **ONE_THREAD)
     replies = await answers(subs, timeout=120)
     assert sorted(r["req_id"] for r in replies) == [f"kill-{i}" for i in range(5)]
     assert all(r["finish_reason"] in ("stop", "length") and "error" not in r for r in replies)
-    assert {r["worker_id"] for r in replies} == {f"gemma3-270m-{_host()}-{b.proc.pid}"}
+    assert {r["worker_id"] for r in replies} == {worker_id(b)}
+    (row,) = await request_rows(b.db, "kill-0", 1)  # a died holding it: only b's row, of a second delivery
+    assert row["worker_id"] == worker_id(b) and row["status"] == "ok" and row["deliveries"] >= 2
 
 
 @pytest.mark.model
 async def test_broker_restart_with_queued_requests(start_worker, nc, nats_server):
-    await start_worker(WORKER_CONCURRENCY=1)
+    await start_worker(WORKER_CONCURRENCY=1, **ONE_THREAD)
     subs = await send_many(nc, 4, 48, "restart")
     await asyncio.sleep(0.5)
     nats_server.restart()  # same port, same JetStream store
@@ -54,7 +56,7 @@ async def test_broker_restart_with_queued_requests(start_worker, nc, nats_server
 
 @pytest.mark.model
 async def test_sigterm_finishes_in_flight_work_then_exits(start_worker, nc):
-    w = await start_worker(WORKER_CONCURRENCY=1)
+    w = await start_worker(WORKER_CONCURRENCY=1, **ONE_THREAD)
     subs = await send_many(nc, 1, 64, "drain")
     await asyncio.sleep(1.0)
     assert await asyncio.to_thread(w.terminate, 60) == 0
@@ -68,7 +70,7 @@ async def test_sigterm_finishes_in_flight_work_then_exits(start_worker, nc):
 @pytest.mark.model
 async def test_an_idle_worker_stops_promptly_after_a_cancel(start_worker, nc):
     """A stray message left in the pull subscription must not hold the shutdown for nats-py's 30 s drain."""
-    w = await start_worker(WORKER_CONCURRENCY=2)
+    w = await start_worker(WORKER_CONCURRENCY=2, **ONE_THREAD)
     long = {"input": "Write a very long story.", "params": {"max_tokens": 200, "temperature": 0}}
     first = asyncio.create_task(nc.request("inference.request.gemma3-270m",
                                            json.dumps({**long, "req_id": "x1"}).encode(), timeout=120))
@@ -85,18 +87,27 @@ async def test_an_idle_worker_stops_promptly_after_a_cancel(start_worker, nc):
 
 @pytest.mark.model
 async def test_unfinished_work_is_handed_back_on_drain_timeout(start_worker, nc):
-    a = await start_worker(WORKER_CONCURRENCY=1, DRAIN_TIMEOUT=0)
-    subs = await send_many(nc, 1, 200, "handback")
-    await asyncio.sleep(1.0)
+    """DRAIN_TIMEOUT=0: SIGTERM gives the running request back at once (nak), so the other instance starts it
+    within seconds; without the nak JetStream would wait out the 120 s ack_wait."""
+    env = dict(WORKER_CONCURRENCY=1, DRAIN_TIMEOUT=0, QUEUE_ACK_WAIT_S=120, **ONE_THREAD)
+    started = [await start_worker(**env), await start_worker(**env)]
+    (sub,) = await publish(nc, {"req_id": "handback", "input": "Tell me about the sea.",
+                                "params": {"max_tokens": 120, "temperature": 0, "logit_bias": NO_EOS}})
+    first = await running_on(nc, "handback")
+    assert first in {worker_id(w) for w in started}
+    a, b = sorted(started, key=lambda w: worker_id(w) != first)  # a runs it, b waits with a free slot
     assert await asyncio.to_thread(a.terminate, 60) == 0
-    b = await start_worker(WORKER_CONCURRENCY=1)
-    (reply,) = await answers(subs, timeout=120)
-    assert reply["worker_id"].endswith(f"-{b.proc.pid}") and "error" not in reply
+    assert await running_on(nc, "handback", timeout=10) == worker_id(b)
+    (reply,) = await answers([sub], timeout=120)
+    assert reply["worker_id"] == worker_id(b) and "error" not in reply
+    rows = await request_rows(a.db, "handback", 2)  # one log file: the workers share DATA_DIR
+    assert [(r["worker_id"], r["status"], r["deliveries"]) for r in rows] == [
+        (worker_id(a), "handed_back", 1), (worker_id(b), "ok", 2)]
 
 
 @pytest.mark.model
 async def test_ghost_request_past_its_deadline_is_skipped(start_worker, nc):
-    w = await start_worker(WORKER_CONCURRENCY=1)
+    w = await start_worker(WORKER_CONCURRENCY=1, **ONE_THREAD)
     busy = asyncio.create_task(ask(nc, SUBJECT, {"input": "Write a poem.", "params": {"max_tokens": 120}}))
     await asyncio.sleep(0.3)
     ghost = await ask(nc, SUBJECT, {"req_id": "ghost", "input": "Hi", "timeout_ms": 100}, timeout=120)
@@ -144,9 +155,3 @@ async def test_dead_letter_is_answered_logged_and_removed(nats_server, nc, tmp_p
     with sqlite3.connect(settings.log_path) as db:
         assert db.execute("SELECT status FROM requests WHERE req_id='poison-1'").fetchone() == ("dead_letter",)
         assert db.execute("SELECT count(*) FROM events WHERE code='request.dead_letter'").fetchone() == (1,)
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()

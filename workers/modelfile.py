@@ -138,7 +138,9 @@ def from_folder(settings: Settings, source: Path, target: Path | None) -> Path:
 
 
 def from_hub(settings: Settings, target: Path | None) -> Path:
-    """Download MODEL_FILE from MODEL_REPO (honours HF_ENDPOINT); resumable, checksummed where known."""
+    """Download MODEL_FILE from MODEL_REPO (honours HF_ENDPOINT), checksummed where known. huggingface_hub resumes a
+    cut connection from its last whole 10 MiB block within this call, and deletes the partial file when the call
+    fails (a later start downloads it all again)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
