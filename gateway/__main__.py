@@ -16,15 +16,13 @@ from .config import ConfigError, GatewaySettings, load_settings
 
 
 def preflight(settings: GatewaySettings) -> None:
-    """Read the files the settings name (API keys, the webhook secret, the roles) now, so that a bad one stops the
-    gateway with one line (ConfigError) before it listens."""
+    """Read the files the settings name (API keys, the roles) now, so that a bad one stops the gateway with one line
+    (ConfigError) before it listens. (WEBHOOK_SECRET_FILE is read with the settings themselves.)"""
     from .clients import load_keys
-    from .jobs import webhook_secret
     from .routing import load_roles
 
     if settings.gateway_keys_file:
         load_keys(settings.gateway_keys_file)
-    webhook_secret(settings)
     load_roles(settings.gateway_roles_file)
 
 

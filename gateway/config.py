@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from monitor.config import MonitorSettings
 from monitor.config import load_settings as monitor_settings
 from workers.config import ROOT
-from workers.settings import ConfigError, NatsSettings, config_error, parse_addr
+from workers.settings import ConfigError, NatsSettings, config_error, parse_addr, secret_from_file
 
 __all__ = ["ConfigError", "GatewaySettings", "load_settings"]
 
@@ -58,6 +58,11 @@ class GatewaySettings(NatsSettings):
     jobs_ttl_s: float = Field(default=86400.0, gt=0, description="how long a job's result is kept")
     webhook_secret: SecretStr = Field(default=SecretStr(""), description="HMAC key of callbacks and ingest")
     webhook_secret_file: str = Field(default="", description="a file holding WEBHOOK_SECRET (a mounted secret)")
+
+    @model_validator(mode="after")
+    def _webhook_secret_file(self) -> GatewaySettings:
+        self.webhook_secret = secret_from_file(self.webhook_secret, self.webhook_secret_file, "WEBHOOK_SECRET")
+        return self
 
     @field_validator("gateway_addr")
     @classmethod

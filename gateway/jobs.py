@@ -31,7 +31,6 @@ import os
 import socket
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -40,7 +39,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -49,7 +48,6 @@ from starlette.types import ASGIApp
 from workers import protocol as p
 from workers.httpkit import Handler, error, error_fields, json_object, read_body, refusal
 
-from .config import ConfigError, GatewaySettings
 from .routes import Parts
 
 BUCKET = "FLEET_JOBS"
@@ -77,22 +75,6 @@ class JobSpec(BaseModel):
     """the OpenAI body, as that route takes it (`"stream": true` is refused: a job's answer is one JSON)"""
     callback_url: str | None = None
     """where the finished job is POSTed, signed (needs WEBHOOK_SECRET)"""
-
-
-def webhook_secret(settings: GatewaySettings) -> SecretStr:
-    """WEBHOOK_SECRET, or the contents of WEBHOOK_SECRET_FILE (a mounted secret), read as API_KEY_FILE is."""
-    path = settings.webhook_secret_file
-    if not path:
-        return settings.webhook_secret
-    if settings.webhook_secret.get_secret_value():
-        raise ConfigError("set WEBHOOK_SECRET or WEBHOOK_SECRET_FILE, not both")
-    try:
-        secret = Path(path).read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"WEBHOOK_SECRET_FILE={path} cannot be read ({e.strerror})") from None
-    if not secret:
-        raise ConfigError(f"WEBHOOK_SECRET_FILE={path} is empty")
-    return SecretStr(secret)
 
 
 def sign(secret: str, body: bytes, t: int | None = None) -> str:
@@ -209,7 +191,7 @@ class Jobs:
 
     def __init__(self, parts: Parts) -> None:
         self.parts, self.store = parts, JobStore(parts)
-        self.secret = webhook_secret(parts.settings).get_secret_value()
+        self.secret = parts.settings.webhook_secret.get_secret_value()  # WEBHOOK_SECRET_FILE read with the settings
         self._running: set[asyncio.Task[None]] = set()
 
     def spec_of(self, body: dict[str, Any]) -> JobSpec:

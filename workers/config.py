@@ -17,7 +17,7 @@ from pydantic_settings import SettingsConfigDict
 
 from .formats import FORMATS
 from .protocol import REPLY_PREFIXES, Kind, Limits
-from .settings import BackpressureSettings, ConfigError, NatsSettings, config_error, parse_addr
+from .settings import BackpressureSettings, ConfigError, NatsSettings, config_error, parse_addr, secret_from_file
 
 __all__ = ["ENVS_DIR", "ROOT", "ConfigError", "Settings", "available_workers", "env_file_for", "load_settings",
            "parse_addr"]
@@ -172,17 +172,7 @@ class Settings(NatsSettings, BackpressureSettings):
 
     @model_validator(mode="after")
     def _api_key_file(self) -> Settings:
-        if not self.api_key_file:
-            return self
-        if self.api_key.get_secret_value():
-            raise ValueError("set API_KEY or API_KEY_FILE, not both")
-        try:
-            key = Path(self.api_key_file).read_text().strip()
-        except OSError as e:
-            raise ValueError(f"API_KEY_FILE={self.api_key_file} cannot be read ({e.strerror})") from None
-        if not key:
-            raise ValueError(f"API_KEY_FILE={self.api_key_file} is empty")
-        self.api_key = SecretStr(key)
+        self.api_key = secret_from_file(self.api_key, self.api_key_file, "API_KEY")
         return self
 
     @property

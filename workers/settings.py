@@ -45,6 +45,22 @@ def parse_addr(value: str, key: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
+def secret_from_file(value: SecretStr, path: str, key: str) -> SecretStr:
+    """`<key>`, or the contents of `<key>_FILE` (a Docker or Kubernetes secret), never both: for a settings
+    validator (ValueError names the setting)."""
+    if not path:
+        return value
+    if value.get_secret_value():
+        raise ValueError(f"set {key} or {key}_FILE, not both")
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"{key}_FILE={path} cannot be read ({e.strerror})") from None
+    if not secret:
+        raise ValueError(f"{key}_FILE={path} is empty")
+    return SecretStr(secret)
+
+
 def redact(url: str) -> str:
     """A NATS URL (or a comma-separated list) as it may be shown: `user:***@` for a password, `***@` for a token."""
 
