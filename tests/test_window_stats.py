@@ -91,6 +91,14 @@ def test_percentile_interpolates_like_numpy():
     assert percentile([float(i) for i in range(1, 101)], 95) == pytest.approx(95.05)
 
 
+def test_the_expected_wait_counts_only_requests_that_must_end_before_a_new_one_starts():
+    assert p.expected_wait(1, None, 2) == 0.0  # a slot is free: no wait, with or without a service time
+    assert p.expected_wait(0, None, 0) == 0.0
+    assert p.expected_wait(2, None, 2) is None  # a wait, but nothing served to measure it by
+    assert p.expected_wait(2, 3.0, 2) == 1.5  # one of the two running must end: 1 × 3 s ÷ 2 slots
+    assert p.expected_wait(5, 2.0, 1) == 10.0  # one slot: all five ahead
+
+
 def test_host_sample_is_plausible_and_gpus_parse_from_nvidia_smi_csv():
     h = Host().sample()
     mem = psutil.virtual_memory()

@@ -497,14 +497,16 @@ class BackpressureReport(_Message):
 
 
 def expected_wait(pending: int, mean_service_s: float | None, live_slots: int) -> float | None:
-    """What a request queued now would wait before a worker takes it: requests ahead × recent mean service time
-    ÷ slots of the model's live workers. None when nothing was served recently (no service time to go by) and
-    0.0 when nothing waits."""
-    if pending <= 0:
+    """What a request queued now would wait before a worker takes it. `pending` counts the model's requests queued
+    or running; while fewer than the live workers' slots, one is free and the wait is 0.0. Otherwise the request
+    starts after `pending - live_slots + 1` of them end, and the slots end one each recent mean service time
+    between them: that count × mean ÷ slots. None when a request would wait but nothing was served recently (no
+    service time to go by)."""
+    if pending < max(live_slots, 1):
         return 0.0
     if mean_service_s is None or live_slots <= 0:
         return None
-    return round(pending * mean_service_s / live_slots, 3)
+    return round((pending - live_slots + 1) * mean_service_s / live_slots, 3)
 
 
 def wait_level(expected_wait_s: float | None, utilization: float, warning_s: float = 10.0,
