@@ -70,9 +70,9 @@ class Identity:
         return ROLES[self.role](self)
 
 
-def dead_letter_subject(kind: p.Kind, model: str) -> str:
-    """The advisory `queue.DeadLetters` listens on: the model's consumer gave up on a message."""
-    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{p.STREAM_NAME}.{p.consumer_name(kind, model)}"
+def dead_letter_subject(kind: p.Kind, model: str, priority: int = p.DEFAULT_PRIORITY) -> str:
+    """An advisory `queue.DeadLetters` listens on: one of the model's consumers gave up on a message."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{p.STREAM_NAME}.{p.consumer_name(kind, model, priority)}"
 
 
 # Health requests go to `models.<model>.health` with the model name as written (a dotted name spans several
@@ -82,19 +82,22 @@ HEARTBEATS = "models.*.heartbeat"
 
 def worker(i: Identity) -> Permissions:
     """Serve one model: its ingress, its consumer, its heartbeat and reports, answers to any caller's inbox."""
-    k, m, stream, durable = i.kind, i.model, p.STREAM_NAME, p.consumer_name(i.kind, i.model)
+    k, m, stream = i.kind, i.model, p.STREAM_NAME
+    durables = [p.consumer_name(k, m, pr) for pr in p.PRIORITIES]  # one consumer per priority
     svc = p.service_name(m)
     return Permissions(
         publish=[
-            p.queue_subject(k, m),  # the ingress copies requests into the stream (its PubAck comes to the inbox)
+            # the ingress copies requests into the stream, one subject per priority (its PubAck comes to the inbox)
+            *(p.queue_subject(k, m, pr) for pr in p.PRIORITIES),
             p.heartbeat_subject(m), p.monitoring_subject(k, m),
             p.request_event_subject(m),  # one event per finished request (the monitor's Requests view)
             p.cancel_subject(k, m),  # DELETE /v1/requests/{id} on its HTTP API reaches the model's other instances
             "_INBOX.>",  # answers, stream chunks, and replies to health, $SRV and cancel requests
             f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.CREATE.{stream}", f"{JS}.STREAM.UPDATE.{stream}",
-            f"{JS}.CONSUMER.INFO.{stream}.{durable}", f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
-            f"{JS}.CONSUMER.CREATE.{stream}.{durable}", f"{JS}.CONSUMER.CREATE.{stream}.{durable}.>",
-            f"{JS}.CONSUMER.MSG.NEXT.{stream}.{durable}", f"$JS.ACK.{stream}.{durable}.>",
+            *(api for d in durables for api in (
+                f"{JS}.CONSUMER.INFO.{stream}.{d}", f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.{d}",
+                f"{JS}.CONSUMER.CREATE.{stream}.{d}", f"{JS}.CONSUMER.CREATE.{stream}.{d}.>",
+                f"{JS}.CONSUMER.MSG.NEXT.{stream}.{d}", f"$JS.ACK.{stream}.{d}.>")),
             f"{JS}.STREAM.MSG.GET.{stream}", f"{JS}.STREAM.MSG.DELETE.{stream}",  # dead letters, by sequence
             # one answer per queued request (workers/answered.py): claims on its own model's keys
             f"$KV.{BUCKET}.{p.token(m)}.>", *(f"{JS}.STREAM.{op}.KV_{BUCKET}" for op in ("INFO", "CREATE", "UPDATE")),
@@ -102,10 +105,11 @@ def worker(i: Identity) -> Permissions:
         ],
         subscribe=[
             p.request_subject(k, m), p.health_subject(m), p.heartbeat_subject(m),  # peers' beats: worker_count
-            p.cancel_subject(k, m), p.owner_cancel_subject(k, "*", m), dead_letter_subject(k, m),
-            # the queue heals (workers/healing.py): the stream or the model's consumer deleted or changed
+            p.cancel_subject(k, m), p.owner_cancel_subject(k, "*", m),
+            *(dead_letter_subject(k, m, pr) for pr in p.PRIORITIES),
+            # the queue heals (workers/healing.py): the stream or one of the model's consumers deleted or changed
             f"$JS.EVENT.ADVISORY.STREAM.DELETED.{stream}", f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{stream}",
-            f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{stream}.{durable}",
+            *(f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{stream}.{d}" for d in durables),
             "$SRV.PING", "$SRV.INFO", "$SRV.STATS", f"$SRV.*.{svc}", f"$SRV.*.{svc}.*",  # the nats.micro service
             f"{i.inbox}.>",
         ],

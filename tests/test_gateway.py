@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import nats
 import openai
 import pytest
 
+from workers import protocol as p
 from workers.config import ROOT, load_settings
 from workers.modelfile import resolve
 
@@ -113,6 +115,31 @@ async def test_completion_and_embeddings(fleet: Fleet) -> None:
     assert vectors.usage.prompt_tokens > 0
     assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, vectors.data[0].embedding, strict=True)) < 1e-3
     await client.close()
+
+
+async def test_priority_in_the_body_or_header_reaches_the_workers_queue_of_that_priority(fleet: Fleet) -> None:
+    client = fleet.client()
+    nc = await nats.connect(fleet.nats_url)
+    js = nc.jetstream()
+
+    async def delivered() -> dict[int, int]:
+        return {pr: (await js.consumer_info(p.STREAM_NAME, p.consumer_name("inference", CHAT, pr))).delivered
+                .consumer_seq for pr in p.PRIORITIES}
+
+    try:
+        before = await delivered()
+        await client.completions.create(model=CHAT, prompt="1, 2,", max_tokens=2, extra_body={"priority": 3})
+        await client.completions.create(model=CHAT, prompt="1, 2,", max_tokens=2,
+                                        extra_headers={p.H_PRIORITY: "2"})
+        await client.embeddings.create(model=EMBED, input="hello", extra_body={"priority": 3})
+        after = await delivered()
+        assert {pr: after[pr] - before[pr] for pr in after} == {3: 1, 2: 1, 1: 0}
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.completions.create(model=CHAT, prompt="1,", max_tokens=2, extra_body={"priority": 5})
+        assert bad.value.body["type"] == "invalid_priority" and "1, 2 or 3" in bad.value.body["message"]
+    finally:
+        await nc.close()
+        await client.close()
 
 
 async def test_models_lists_the_fleet_from_discovery(fleet: Fleet) -> None:

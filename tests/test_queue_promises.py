@@ -2,7 +2,8 @@
 
 A generation may run far longer than QUEUE_ACK_WAIT_S (in_progress keeps the message); a request that fails on
 every try is answered `dead_letter` after QUEUE_MAX_DELIVER tries; the `Fleet-Timeout-Ms` header is the caller's
-deadline in the queue; a cancel on the model's subject reaches the request on whichever instance runs it.
+deadline in the queue; a cancel on the model's subject reaches the request on whichever instance runs it; a
+request of a higher priority overtakes the queued requests below it.
 
 Generations are made long by banning Gemma's end-of-generation tokens, and ended by a cancel once they have run
 long enough, so no test depends on how fast this machine generates.
@@ -11,12 +12,14 @@ long enough, so no test depends on how fast this machine generates.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
 from workers import protocol as p
 
 from .queue_support import (
+    MODEL,
     NO_EOS,
     ONE_THREAD,
     answers,
@@ -114,3 +117,35 @@ async def test_a_cancel_reaches_the_request_on_whichever_instance_runs_it(start_
         assert (row["worker_id"], row["status"], row["deliveries"]) == (holder, "cancelled", 1)
         assert row["tokens_out"] < LONG
 
+
+
+async def test_a_higher_priority_request_overtakes_the_queue_below_it(start_worker, nc):
+    """One slot held busy; ten priority-1 requests queued, then one priority 2 (the body's `priority`) and one
+    priority 3 (the Fleet-Priority header). When the slot frees, 3 runs first, then 2, then the ten in order."""
+    w = await start_worker(WORKER_CONCURRENCY=1, **ONE_THREAD)
+    await publish(nc, story("busy"))
+    await running_on(nc, "busy")
+    low = [{"req_id": f"low-{i}", "input": "Hi", "params": {"max_tokens": 4}} for i in range(10)]
+    high = [{"req_id": "p2", "input": "Hi", "params": {"max_tokens": 4}, "priority": 2},
+            {"req_id": "p3", "input": "Hi", "params": {"max_tokens": 4}}]
+    subs = await publish(nc, *low, *high, headers=[{}] * 11 + [{p.H_PRIORITY: "3"}])
+    js = nc.jetstream()
+
+    async def waiting() -> dict[int, int]:
+        return {pr: (await js.consumer_info(p.STREAM_NAME, p.consumer_name("inference", MODEL, pr))).num_pending
+                for pr in p.PRIORITIES}
+
+    for _ in range(100):  # the ingress queues them one by one
+        if await waiting() == {3: 1, 2: 1, 1: 10}:
+            break
+        await asyncio.sleep(0.1)
+    assert await waiting() == {3: 1, 2: 1, 1: 10}  # each priority in its own queue, all behind "busy"
+    await cancel(nc, "busy")
+    replies = await answers(subs, timeout=120)
+    assert all("error" not in r for r in replies), [r for r in replies if "error" in r]
+    with sqlite3.connect(w.db) as conn:
+        order = [r for (r,) in conn.execute("SELECT req_id FROM requests WHERE status = 'ok' ORDER BY id")]
+    assert order == ["p3", "p2", *(b["req_id"] for b in low)]
+    bad = await publish(nc, {"req_id": "bad", "input": "Hi"}, headers=[{p.H_PRIORITY: "9"}])
+    (refused,) = await answers(bad, timeout=30)
+    assert refused["error"]["type"] == "invalid_priority" and "1, 2 or 3" in refused["error"]["message"]

@@ -1,6 +1,7 @@
 """One JetStream message's whole life, and the pull loop that feeds them in.
 
-Pull from the model's durable consumer with at most `in_flight_limit` messages in flight. For each message:
+Pull from the model's durable consumers with at most `in_flight_limit` messages in flight, priority 3 and 2 first
+(asked without waiting), then 1 (docs/architecture.md, "Priorities"). For each message:
 check the caller's deadline, parse, run (keeping the message alive and streaming pieces if asked),
 then leave through one exit (`_settle`): reply and ack, give it back for another try, or hand it
 back at once when a drain ran out of time; and record the outcome.
@@ -15,7 +16,9 @@ import time
 from collections.abc import Callable
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from . import protocol as p
@@ -28,15 +31,58 @@ from .runner import DeltaPump, Execution, Request, Runner
 from .store import Store
 
 FETCH_WAIT_S = 1.0  # a pull lost with a dead consumer leader costs at most this
+NO_WAIT_PULL = b'{"batch": 1, "no_wait": true}'
+NO_WAIT_TIMEOUT_S = 2.0
+STATUS = "Status"  # the header of a JetStream status message (nats.js.api.Header.STATUS)
 ABORT_WAIT_S = 30.0
 log = logging.getLogger(__name__)
+
+
+class Above:
+    """The model's queues above priority 1, asked highest first and without waiting (JetStream's `no_wait` pull:
+    a message at once, or a 404 status when the queue is empty). The pulls answer on one inbox of this worker's
+    (a delivered message keeps its own subject, so a request/reply inbox would not match it), one at a time."""
+
+    def __init__(self, nc: NATS, durables: dict[int, str]) -> None:
+        self.nc = nc
+        self.subjects = [f"$JS.API.CONSUMER.MSG.NEXT.{p.STREAM_NAME}.{durables[pr]}"
+                         for pr in sorted(durables, reverse=True)]
+        self._inbox: Subscription | None = None
+        self._lock = asyncio.Lock()
+
+    async def next(self) -> Msg | None:
+        """The oldest request of the highest priority that has one; None when none waits."""
+        async with self._lock:
+            if self._inbox is None:
+                self._inbox = await self.nc.subscribe(self.nc.new_inbox())
+            for subject in self.subjects:
+                while self._inbox.pending_msgs:  # the answer to a pull that timed out: a request is ours to run
+                    if _request(late := await self._inbox.next_msg(timeout=0.1)):
+                        return late
+                await self.nc.publish(subject, NO_WAIT_PULL, reply=self._inbox.subject)
+                if _request(msg := await self._inbox.next_msg(timeout=NO_WAIT_TIMEOUT_S)):
+                    return msg
+        return None
+
+    async def close(self) -> None:
+        if self._inbox is not None:
+            with contextlib.suppress(Exception):
+                await self._inbox.unsubscribe()
+            self._inbox = None
+
+
+def _request(msg: Msg) -> bool:
+    """A delivered request, not a status (404 no messages, 408, 409 …)."""
+    return not (msg.headers or {}).get(STATUS)
 
 
 class Consumer:
     def __init__(self, psub: JetStreamContext.PullSubscription, *, settings: Settings, runner: Runner,
                  replier: Replier, ledger: Ledger, store: Store, metrics: Metrics,
-                 answered: Answered | None = None, attempts: Attempts | None = None) -> None:
+                 answered: Answered | None = None, attempts: Attempts | None = None,
+                 above: Above | None = None) -> None:
         self.psub, self.settings, self.runner, self.replier = psub, settings, runner, replier
+        self.above = above  # None: priority 1 only
         self.ledger, self.store, self.metrics = ledger, store, metrics
         self.answered = answered  # None: at-least-once (a redelivered request may be answered twice)
         self.attempts = attempts  # None: no crash counting (a poison message is retried up to max_deliver)
@@ -46,6 +92,7 @@ class Consumer:
         self.slots = asyncio.Semaphore(in_flight_limit(settings))
         self.aborted = False  # set when a drain runs out of time: whatever is running goes back to the queue
         self._pull: asyncio.Task[None] | None = None
+        self._wakers: set[asyncio.Task[None]] = set()
 
     # --- the pull loop ---------------------------------------------------------------------
 
@@ -56,6 +103,8 @@ class Consumer:
         """Stop fetching and drop the pull subscription. A message JetStream delivered after a fetch gave up
         would otherwise sit in the subscription unread, and the connection's drain would wait its whole
         timeout (30 s) for it at shutdown; unread, it is simply redelivered after ack_wait."""
+        for waker in list(self._wakers):
+            waker.cancel()
         if self._pull is not None:
             self._pull.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -63,6 +112,8 @@ class Consumer:
             self._pull = None
             with contextlib.suppress(Exception):
                 await self.psub.unsubscribe()
+            if self.above is not None:
+                await self.above.close()
 
     async def drain(self, timeout: float, abort: Callable[[], None]) -> None:
         """Stop pulling, let in-flight requests finish for up to `timeout`, then abort and hand back the rest."""
@@ -76,12 +127,48 @@ class Consumer:
             abort()
             await asyncio.wait(list(self.in_flight), timeout=ABORT_WAIT_S)
 
+    async def _next(self) -> Msg:
+        """The next request for a free slot: the highest priority queue above 1 that has one, else priority 1's
+        (waiting up to FETCH_WAIT_S for one)."""
+        if self.above is not None and (msg := await self.above.next()) is not None:
+            return msg
+        return (await self.psub.fetch(1, timeout=FETCH_WAIT_S))[0]
+
+    def wake(self, priority: int) -> None:
+        """This instance's ingress queued a request above priority 1: a spare slot takes it now rather than after
+        the pull of priority 1 that holds one slot ends (FETCH_WAIT_S at most, all this costs a one-slot
+        worker)."""
+        if self._pull is None or self.above is None or self.slots.locked():
+            return
+        waker = asyncio.create_task(self._take_above(), name=f"wake-p{priority}")
+        self._wakers.add(waker)
+        waker.add_done_callback(self._wakers.discard)
+
+    async def _take_above(self) -> None:
+        if self.above is None or self.slots.locked():
+            return
+        await self.slots.acquire()
+        try:
+            msg = await self.above.next()
+        except Exception:  # disconnected or JetStream busy: the pull loop asks again at its next turn
+            msg = None
+        if msg is None:
+            self.slots.release()
+            return
+        self._start(msg)
+
+    def _start(self, msg: Msg) -> None:
+        task = asyncio.create_task(self.handle(msg))
+        self.in_flight[task] = msg
+        self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
+        task.add_done_callback(self._done)
+
     async def _pull_loop(self) -> None:
         backoff = 0.1
         while True:
             await self.slots.acquire()
             try:
-                msgs = await self.psub.fetch(1, timeout=FETCH_WAIT_S)
+                msg = await self._next()
             except (TimeoutError, nats.errors.TimeoutError):
                 self.slots.release()
                 continue
@@ -95,10 +182,7 @@ class Consumer:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
-            task = asyncio.create_task(self.handle(msgs[0]))
-            self.in_flight[task] = msgs[0]
-            self.metrics.running.labels(self.settings.model_name).set(len(self.in_flight))
-            task.add_done_callback(self._done)
+            self._start(msg)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.in_flight.pop(task, None)

@@ -37,7 +37,7 @@ from .config import Settings
 from .connection import EventSink
 from .outcome import Finished, Intake
 from .queue import Replier
-from .streams import ensure_consumer, ensure_stream, recreate_stream
+from .streams import ensure_consumer, ensure_consumers, ensure_stream, recreate_stream
 
 __all__ = ["CHECK_INTERVAL_S", "LOST_MESSAGE", "MAX_REMEMBERED", "Queued", "StreamGuard"]
 
@@ -66,22 +66,25 @@ class Queued:
     deadline_ms: int
     raw_input: str | None = None
     trace_id: str | None = None
+    priority: int = p.DEFAULT_PRIORITY
 
 
 class StreamGuard:
-    """Keeps FLEET_REQUESTS and this model's consumer in place, and answers the callers of requests lost with them."""
+    """Keeps FLEET_REQUESTS and this model's consumers (one per priority) in place, and answers the callers of
+    requests lost with them."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, events: EventSink, record: Record,
                  *, interval: float = CHECK_INTERVAL_S, remember: int = MAX_REMEMBERED) -> None:
         self.nc, self.js, self.settings, self.events, self.record = nc, js, settings, events, record
         self.interval = interval
         self.replier = Replier(nc, settings)
-        self.durable = p.consumer_name(settings.model_kind, settings.model_name)
+        self.durables = {pr: p.consumer_name(settings.model_kind, settings.model_name, pr) for pr in p.PRIORITIES}
+        self.durable = self.durables[p.DEFAULT_PRIORITY]
         self.remembered: deque[Queued] = deque(maxlen=remember)
         self.created: datetime | None = None  # the stream being watched (its creation time tells a new one)
         self.stream_config: StreamConfig | None = None
-        self.consumer_config: ConsumerConfig | None = None
-        self.pending = 0  # requests of this model queued and not yet delivered, as last seen
+        self.consumer_configs: dict[str, ConsumerConfig] = {}
+        self._pending: dict[str, int] = {}  # by consumer: requests queued and not yet delivered, as last seen
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -90,15 +93,19 @@ class StreamGuard:
 
     # --- what the ingress and telemetry call --------------------------------------------------
 
+    @property
+    def pending(self) -> int:
+        return sum(self._pending.values())
+
     def queued(self, seq: int, req_id: str, targets: list[str], deadline_ms: int, *, raw_input: str | None = None,
-               trace_id: str | None = None) -> None:
+               trace_id: str | None = None, priority: int = p.DEFAULT_PRIORITY) -> None:
         """The ingress queued a request at stream sequence `seq`; its caller waits on `targets` until `deadline_ms`."""
         now = p.now_ms()
         while self.remembered and self.remembered[0].deadline_ms < now:
             self.remembered.popleft()
         if targets:  # nobody to tell otherwise
             self.remembered.append(Queued(seq, req_id, tuple(targets), deadline_ms,
-                                          raw_input[:INPUT_EXCERPT] if raw_input else None, trace_id))
+                                          raw_input[:INPUT_EXCERPT] if raw_input else None, trace_id, priority))
 
     async def cancel_queued(self, req_id: str, owner: str | None = None) -> str | None:
         """A cancel for a request this instance queued: remove it from the stream while no worker has taken it
@@ -110,7 +117,7 @@ class StreamGuard:
         if owner is not None and p.inbox_owner(entry.targets[0]) != owner:
             return "refused"
         try:
-            info = await self.js.consumer_info(p.STREAM_NAME, self.durable)
+            info = await self.js.consumer_info(p.STREAM_NAME, self.durables[entry.priority])
             if info.delivered is not None and (info.delivered.stream_seq or 0) >= entry.seq:
                 return "taken"
             await self.js.delete_msg(p.STREAM_NAME, entry.seq)
@@ -122,11 +129,11 @@ class StreamGuard:
         return "removed"
 
     def observe(self, info: ConsumerInfo | None) -> None:
-        """Telemetry's look at the consumer (None: not found, a reason to check now)."""
+        """Telemetry's look at one of the model's consumers (None: not found, a reason to check now)."""
         if info is None:
             self._kick.set()
             return
-        self.pending = int(info.num_pending or 0)
+        self._pending[info.name] = int(info.num_pending or 0)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -135,12 +142,13 @@ class StreamGuard:
         with contextlib.suppress(Exception):
             info = await self.js.stream_info(p.STREAM_NAME)
             self.created, self.stream_config = info.created, info.config
-            consumer = await self.js.consumer_info(p.STREAM_NAME, self.durable)
-            self.consumer_config = consumer.config
-            self.observe(consumer)
+            for durable in self.durables.values():
+                consumer = await self.js.consumer_info(p.STREAM_NAME, durable)
+                self.consumer_configs[durable] = consumer.config
+                self.observe(consumer)
         for subject in (f"$JS.EVENT.ADVISORY.STREAM.DELETED.{p.STREAM_NAME}",
                         f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{p.STREAM_NAME}",
-                        f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{p.STREAM_NAME}.{self.durable}"):
+                        *(f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{p.STREAM_NAME}.{d}" for d in self.durables.values())):
             self._subs.append(await self.nc.subscribe(subject, cb=self._on_advisory))
         self._task = asyncio.create_task(self._loop(), name="stream-guard")
 
@@ -198,24 +206,27 @@ class StreamGuard:
                 await ensure_stream(self.js, self.settings, self.events)  # changed: the rule, and its differences
                 stream = await self.js.stream_info(p.STREAM_NAME)
             self.stream_config = stream.config
-            try:
-                consumer = await self.js.consumer_info(p.STREAM_NAME, self.durable)
-            except NotFoundError:
-                await self._consumer_lost()
-                return
-            if self.consumer_config is not None and consumer.config != self.consumer_config:
-                await ensure_consumer(self.js, self.settings, self.events)  # recorded as consumer.differs
-            self.consumer_config = consumer.config
-            self.observe(consumer)
+            for priority, durable in self.durables.items():
+                try:
+                    consumer = await self.js.consumer_info(p.STREAM_NAME, durable)
+                except NotFoundError:
+                    await self._consumer_lost(priority)
+                    continue
+                known = self.consumer_configs.get(durable)
+                if known is not None and consumer.config != known:  # recorded as consumer.differs
+                    await ensure_consumer(self.js, self.settings, self.events, priority)
+                self.consumer_configs[durable] = consumer.config
+                self.observe(consumer)
 
-    async def _consumer_lost(self) -> None:
-        await ensure_consumer(self.js, self.settings, self.events)
-        self.consumer_config = (await self.js.consumer_info(p.STREAM_NAME, self.durable)).config
-        kept = self.pending
-        self.events.event("consumer.recreated", f"consumer {self.durable} was deleted; recreated it with this "
+    async def _consumer_lost(self, priority: int) -> None:
+        durable = self.durables[priority]
+        await ensure_consumer(self.js, self.settings, self.events, priority)
+        self.consumer_configs[durable] = (await self.js.consumer_info(p.STREAM_NAME, durable)).config
+        kept = self._pending.get(durable, 0)
+        self.events.event("consumer.recreated", f"consumer {durable} was deleted; recreated it with this "
                           f"worker's settings; its queued requests ({kept} when last seen) stay in the stream and "
-                          "are delivered again", level="warning", consumer=self.durable, pending=kept)
-        log.warning("%s: consumer %s was deleted; recreated", self.settings.model_name, self.durable)
+                          "are delivered again", level="warning", consumer=durable, pending=kept)
+        log.warning("%s: consumer %s was deleted; recreated", self.settings.model_name, durable)
 
     async def _stream_lost(self, recreated_at: datetime | None) -> None:
         """The stream this worker watched is gone (`recreated_at`: someone already created a new one)."""
@@ -225,13 +236,13 @@ class StreamGuard:
         try:
             by_us = recreated_at is None and await recreate_stream(self.js, self.settings, self.events)
             stream = await self.js.stream_info(p.STREAM_NAME)
-            await ensure_consumer(self.js, self.settings, self.events)  # a consumer goes with its stream
-            consumer = await self.js.consumer_info(p.STREAM_NAME, self.durable)
+            await ensure_consumers(self.js, self.settings, self.events)  # consumers go with their stream
+            configs = {d: (await self.js.consumer_info(p.STREAM_NAME, d)).config for d in self.durables.values()}
         except Exception:
             self.remembered.extendleft(reversed(entries))  # told at the next try
             raise
-        self.created, self.stream_config, self.consumer_config = stream.created, stream.config, consumer.config
-        self.pending = 0
+        self.created, self.stream_config, self.consumer_configs = stream.created, stream.config, configs
+        self._pending.clear()
         told = await self._tell_lost(entries, old_us, _us(stream.created))
         lost = max(lost, told)  # as last seen by telemetry, or as known here, whichever is more
         who = "recreated it" if by_us else "another worker (or an operator) had recreated it"

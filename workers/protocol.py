@@ -38,7 +38,12 @@ H_INGRESS = "Fleet-Ingress"  # worker_id of the ingress that queued it
 H_TIMEOUT_MS = "Fleet-Timeout-Ms"
 H_TRACE_ID = "Fleet-Trace-Id"
 H_TRACEPARENT = "traceparent"  # W3C trace context
-CALLER_HEADERS = (H_TIMEOUT_MS, H_TRACE_ID, H_TRACEPARENT)
+H_PRIORITY = "Fleet-Priority"  # 1 (default) to 3: which of the model's queues the request waits in
+CALLER_HEADERS = (H_TIMEOUT_MS, H_TRACE_ID, H_TRACEPARENT, H_PRIORITY)
+# Priorities, highest first: each has its own subject and durable consumer per model, and a worker with a free
+# slot takes from the highest that has a request (docs/architecture.md, "Priorities").
+PRIORITIES = (3, 2, 1)
+DEFAULT_PRIORITY = 1
 # Set on an answer sent although another attempt of the same request may have answered too.
 H_DUPLICATE = "Fleet-Duplicate"
 # JetStream's de-duplication id: the ingress sets it to the req_id (a retry within the window is one job).
@@ -60,13 +65,28 @@ def request_subject(kind: Kind, model: str) -> str:
     return f"{kind}.request.{model}"
 
 
-def queue_subject(kind: Kind, model: str) -> str:
-    """Internal JetStream subject; never published to by callers."""
-    return f"queue.{kind}.{token(model)}"
+def queue_subject(kind: Kind, model: str, priority: int = DEFAULT_PRIORITY) -> str:
+    """Internal JetStream subject; never published to by callers. Priority 1 keeps the one-token name it always
+    had; 2 and 3 add a `.p2` / `.p3` token (a model's token has no dots, so no name can collide)."""
+    base = f"queue.{kind}.{token(model)}"
+    return base if priority == DEFAULT_PRIORITY else f"{base}.p{priority}"
 
 
-def consumer_name(kind: Kind, model: str) -> str:
-    return f"work-{kind}-{token(model)}"
+def consumer_name(kind: Kind, model: str, priority: int = DEFAULT_PRIORITY) -> str:
+    base = f"work-{kind}-{token(model)}"
+    return base if priority == DEFAULT_PRIORITY else f"{base}-p{priority}"
+
+
+def priority_of(headers: dict[str, str] | None, body_priority: int | None) -> int:
+    """The request's priority: the body's `priority`, else the Fleet-Priority header, else 1."""
+    if body_priority is not None:
+        return body_priority
+    given = (headers or {}).get(H_PRIORITY)
+    if given is None:
+        return DEFAULT_PRIORITY
+    if given.strip() not in ("1", "2", "3"):
+        raise BadRequest("invalid_priority", f"{H_PRIORITY} {given[:20]!r} is not 1, 2 or 3 (3 is served first)")
+    return int(given)
 
 
 def health_subject(model: str) -> str:
@@ -245,6 +265,7 @@ class InferenceRequest(_Message):
     stream: bool = False
     reply_to: str | None = None
     timeout_ms: int | None = Field(default=None, gt=0)
+    priority: int | None = Field(default=None, ge=1, le=3)
 
     _check_req_id = field_validator("req_id")(_req_id)
 
@@ -270,6 +291,7 @@ class EmbeddingRequest(_Message):
     model: str | None = None
     reply_to: str | None = None
     timeout_ms: int | None = Field(default=None, gt=0)
+    priority: int | None = Field(default=None, ge=1, le=3)
 
     _check_req_id = field_validator("req_id")(_req_id)
 

@@ -15,7 +15,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -35,8 +35,14 @@ __all__ = ["DeadLetters", "Ingress", "Replier", "ensure_consumer", "ensure_strea
            "reply_targets"]
 
 Record = Callable[[Finished], None]  # Ledger.record: log row, metrics, totals
-# Told of every queued request (stream seq, req_id, reply targets, deadline in epoch ms): healing.StreamGuard
-Queued = Callable[[int, str, list[str], int], None]
+
+
+class Queued(Protocol):
+    """Told of every queued request (stream seq, req_id, reply targets, deadline in epoch ms, priority):
+    healing.StreamGuard.queued."""
+
+    def __call__(self, seq: int, req_id: str, targets: list[str], deadline_ms: int, *,
+                 priority: int = ...) -> None: ...
 MAX_CALLER_HEADER_BYTES = 16 * 1024  # a caller's headers on a request; the queue keeps only CALLER_HEADERS
 
 log = logging.getLogger(__name__)
@@ -136,9 +142,9 @@ class Ingress:
         self.nc, self.js, self.settings, self.record = nc, js, settings, record
         self.queued = queued
         self.replier = Replier(nc, settings)
-        self.subject = p.queue_subject(settings.model_kind, settings.model_name)
         self.limits = settings.limits
         self.service: Any = None
+        self.urgent: Callable[[int], None] | None = None  # told when it queued a request above priority 1
 
     async def start(self, stats: Callable[[Any], Any]) -> None:
         """Serve the public subject as an ADR-32 endpoint, so `$SRV.PING/INFO/STATS` list this instance."""
@@ -176,6 +182,7 @@ class Ingress:
             payload_reply = req.reply_to
             p.check_reply_to(msg.reply or None, self.limits.reply_prefixes)
             timeout_ms = req.timeout_ms or _int(headers, p.H_TIMEOUT_MS) or self.settings.default_timeout_ms
+            priority = p.priority_of(headers, req.priority)
             deadline = received + timeout_ms
             headers.update({
                 p.H_REQ_ID: req_id,
@@ -183,20 +190,25 @@ class Ingress:
                 p.H_ENQUEUED_AT: str(received),
                 p.H_DEADLINE: str(deadline),
                 p.H_INGRESS: self.settings.worker_id,
+                p.H_PRIORITY: str(priority),
             })
             if msg.reply:
                 headers[p.H_REPLY_TO] = msg.reply
             if len(msg.data) + header_bytes(headers) > self.nc.max_payload:
                 raise p.BadRequest("payload_too_large", "request plus routing headers exceeds the server's "
                                    f"max_payload ({self.nc.max_payload} bytes); send a smaller input", status=413)
-            ack = await self.js.publish(self.subject, msg.data, headers=headers, timeout=5.0)
+            subject = p.queue_subject(self.settings.model_kind, self.settings.model_name, priority)
+            ack = await self.js.publish(subject, msg.data, headers=headers, timeout=5.0)
             if ack.duplicate:
                 raise p.BadRequest("duplicate_request", f"req_id {req_id} is queued or was answered already (in "
                                    "the last 2 minutes); its answer goes to the first request's reply subject. "
                                    "Send a new req_id to run it again", status=409)
             if self.queued is not None:
                 self.queued(ack.seq, req_id, reply_targets(msg.reply, payload_reply,
-                                                            prefixes=self.limits.reply_prefixes), deadline)
+                                                            prefixes=self.limits.reply_prefixes), deadline,
+                            priority=priority)
+            if priority != p.DEFAULT_PRIORITY and self.urgent is not None:
+                self.urgent(priority)
         except p.BadRequest as e:
             await self._reject(msg, req_id, payload_reply, e.status, e.type, e.message)
         except APIError as e:
@@ -239,21 +251,24 @@ class DeadLetters:
     def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, store: Store, record: Record) -> None:
         self.nc, self.js, self.settings, self.store, self.record = nc, js, settings, store, record
         self.replier = Replier(nc, settings)
-        self._sub: Any = None
+        self._subs: list[Any] = []
 
     @property
-    def subject(self) -> str:
-        durable = p.consumer_name(self.settings.model_kind, self.settings.model_name)
-        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{p.STREAM_NAME}.{durable}"
+    def subjects(self) -> list[str]:
+        """JetStream's max-deliveries advisory of each of the model's consumers (one per priority)."""
+        s = self.settings
+        return [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{p.STREAM_NAME}."
+                f"{p.consumer_name(s.model_kind, s.model_name, pr)}" for pr in p.PRIORITIES]
 
     async def start(self) -> None:
         group = "deadletter-" + p.token(self.settings.model_name)
-        self._sub = await self.nc.subscribe(self.subject, queue=group, cb=self.handle)
+        self._subs = [await self.nc.subscribe(subject, queue=group, cb=self.handle) for subject in self.subjects]
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
 
     async def handle(self, advisory: Msg) -> None:
         try:

@@ -32,8 +32,8 @@ from . import protocol as p
 from .config import Settings
 from .connection import EventSink
 
-__all__ = ["Difference", "Rule", "ensure_consumer", "ensure_stream", "longer_age", "more_replicas", "record",
-           "recreate_stream", "refused_replicas", "stored_us", "stream_config", "tighten"]
+__all__ = ["Difference", "Rule", "ensure_consumer", "ensure_consumers", "ensure_stream", "longer_age", "more_replicas",
+           "record", "recreate_stream", "refused_replicas", "stored_us", "stream_config", "tighten"]
 
 log = logging.getLogger(__name__)
 
@@ -266,18 +266,25 @@ async def _update_stream(js: JetStreamContext, current: StreamConfig, changes: d
     return []
 
 
-async def ensure_consumer(js: JetStreamContext, settings: Settings, events: EventSink | None = None) -> str:
-    """The model's durable pull consumer (shared by every worker of the model); returns its name.
+async def ensure_consumers(js: JetStreamContext, settings: Settings, events: EventSink | None = None
+                           ) -> dict[int, str]:
+    """The model's durable consumer of each priority (protocol.PRIORITIES), by priority."""
+    return {pr: await ensure_consumer(js, settings, events, pr) for pr in p.PRIORITIES}
+
+
+async def ensure_consumer(js: JetStreamContext, settings: Settings, events: EventSink | None = None,
+                          priority: int = p.DEFAULT_PRIORITY) -> str:
+    """The model's durable pull consumer of one priority (shared by every worker of the model); returns its name.
 
     An existing consumer is never changed, whichever side is stricter (an operator tunes it with
     `nats consumer edit`); each field where it differs from this worker's settings is recorded as one
     `consumer.differs` event. Its replicas follow the stream's (num_replicas 0).
     """
     kind, model = settings.model_kind, settings.model_name
-    durable = p.consumer_name(kind, model)
+    durable = p.consumer_name(kind, model, priority)
     wanted = ConsumerConfig(
         durable_name=durable,
-        filter_subject=p.queue_subject(kind, model),
+        filter_subject=p.queue_subject(kind, model, priority),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.queue_ack_wait_s,

@@ -143,18 +143,22 @@ class Telemetry:
             seen is not None and seen >= time.monotonic() - 2 * self.settings.heartbeat_interval)
 
     async def refresh_depth(self) -> None:
+        """The model's depth: queued or running requests of every priority (one consumer each)."""
         s = self.settings
-        try:
-            info = await self.js.consumer_info(p.STREAM_NAME, p.consumer_name(s.model_kind, s.model_name))
-        except NotFoundError:
+        depth = 0
+        for priority in p.PRIORITIES:
+            try:
+                info = await self.js.consumer_info(p.STREAM_NAME, p.consumer_name(s.model_kind, s.model_name, priority))
+            except NotFoundError:
+                if self.watch is not None:
+                    self.watch.observe(None)
+                return
+            except Exception:
+                return  # keep the last known depth while JetStream is unreachable
             if self.watch is not None:
-                self.watch.observe(None)
-            return
-        except Exception:
-            return  # keep the last known depth while JetStream is unreachable
-        if self.watch is not None:
-            self.watch.observe(info)
-        self.depth = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+                self.watch.observe(info)
+            depth += int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self.depth = depth
         self.metrics.waiting.labels(s.model_name).set(self.depth)
 
     def health(self) -> p.Health:

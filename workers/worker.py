@@ -24,7 +24,7 @@ from . import protocol as p
 from .answered import Answered, Attempts, ensure_answered
 from .config import Settings
 from .connection import connect, redact
-from .consumer import Consumer, in_flight_limit
+from .consumer import Above, Consumer, in_flight_limit
 from .engine import Engine
 from .grammars import GrammarStore
 from .healing import StreamGuard
@@ -34,9 +34,10 @@ from .metrics import Metrics
 from .modelfile import ModelNotFound, load_failure, resolve
 from .modelinfo import capabilities, model_info, offload_info
 from .outcome import Ledger, Origin
-from .queue import DeadLetters, Ingress, Replier, ensure_consumer, ensure_stream
+from .queue import DeadLetters, Ingress, Replier, ensure_stream
 from .runner import Runner
 from .store import Store
+from .streams import ensure_consumers
 from .surface import Gate, ModelCard
 from .telemetry import INSTANCE, Telemetry
 from .window import Window
@@ -155,7 +156,7 @@ class Worker:
                 js = nc.jetstream()
                 try:
                     await ensure_stream(js, s, self.store)
-                    durable = await ensure_consumer(js, s, self.store)
+                    durables = await ensure_consumers(js, s, self.store)
                     claims, _ = await ensure_answered(js, s, self.store)
                 except (JsApiError, NatsTimeout) as e:
                     raise StartupError(_queue_failure(e, s.nats_url)) from None
@@ -173,7 +174,7 @@ class Worker:
                 self._loaded = loaded = await self._load()
                 stack.callback(_close_engine, loaded.engine)
                 # 5. serve: cancels, the pull consumer, the public subject, dead letters
-                consumer, ingress = await self._serve(nc, js, durable, loaded.runner, telemetry, stack,
+                consumer, ingress = await self._serve(nc, js, durables, loaded.runner, telemetry, stack,
                                                       Answered(claims, s, self.store, live=telemetry.is_live))
                 # 6. online until SIGTERM/SIGINT
                 self._status = "online"
@@ -244,21 +245,24 @@ class Worker:
                         sampling=s.sampling_defaults)
         return Loaded(engine, runner, grammars, card)
 
-    async def _serve(self, nc: NATS, js: JetStreamContext, durable: str, runner: Runner, telemetry: Telemetry,
-                     stack: contextlib.AsyncExitStack, answered: Answered) -> tuple[Consumer, Ingress]:
+    async def _serve(self, nc: NATS, js: JetStreamContext, durables: dict[int, str], runner: Runner,
+                     telemetry: Telemetry, stack: contextlib.AsyncExitStack, answered: Answered
+                     ) -> tuple[Consumer, Ingress]:
         s = self.settings
         replier = Replier(nc, s)
         for subject in (p.cancel_subject(s.model_kind, s.model_name),
                         p.owner_cancel_subject(s.model_kind, "*", s.model_name)):
             cancels = await nc.subscribe(subject, cb=self._on_cancel)
             stack.push_async_callback(cancels.unsubscribe)
-        psub = await js.pull_subscribe_bind(durable=durable, stream=p.STREAM_NAME)
+        psub = await js.pull_subscribe_bind(durable=durables[p.DEFAULT_PRIORITY], stream=p.STREAM_NAME)
+        above = {pr: d for pr, d in durables.items() if pr != p.DEFAULT_PRIORITY}
         consumer = self._consumer = Consumer(psub, settings=s, runner=runner, replier=replier, ledger=self.ledger,
                                              store=self.store, metrics=self.metrics, answered=answered,
-                                             attempts=Attempts(answered.kv, s, self.store))
+                                             attempts=Attempts(answered.kv, s, self.store), above=Above(nc, above))
         consumer.start()
         stack.push_async_callback(consumer.stop_pulling)
         ingress = Ingress(nc, js, s, self.ledger.record, queued=self._guard.queued if self._guard else None)
+        ingress.urgent = consumer.wake
         await ingress.start(telemetry.stats_data)
         stack.push_async_callback(ingress.stop)
         dead_letters = DeadLetters(nc, js, s, self.store, self.ledger.record)

@@ -24,7 +24,7 @@ from workers.answered import ensure_answered
 from workers.healing import StreamGuard
 from workers.outcome import Finished
 from workers.store import Store, read_recent
-from workers.streams import ensure_consumer, ensure_stream, stored_us, stream_config
+from workers.streams import ensure_consumers, ensure_stream, stored_us, stream_config
 
 MODEL = "gemma3-270m"
 SUBJECT = f"inference.request.{MODEL}"
@@ -239,7 +239,7 @@ class Bus:
         self.nc = await nats.connect(self.url)
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, s, self.store)
-        await ensure_consumer(self.js, s, self.store)
+        await ensure_consumers(self.js, s, self.store)
         self.kv, _ = await ensure_answered(self.js, s, self.store)
         self.guard = StreamGuard(self.nc, self.js, s, self.store, self.finished.append)
         await self.guard.check()
