@@ -107,6 +107,8 @@ def worker(i: Identity) -> Permissions:
             p.request_subject(k, m), p.health_subject(m), p.heartbeat_subject(m),  # peers' beats: worker_count
             p.cancel_subject(k, m), p.owner_cancel_subject(k, "*", m),
             *(dead_letter_subject(k, m, pr) for pr in p.PRIORITIES),
+            # requests queued above priority 1 (consumer.Above hears them, then pulls them from their consumer)
+            *(p.queue_subject(k, m, pr) for pr in p.PRIORITIES if pr != p.DEFAULT_PRIORITY),
             # the queue heals (workers/healing.py): the stream or one of the model's consumers deleted or changed
             f"$JS.EVENT.ADVISORY.STREAM.DELETED.{stream}", f"$JS.EVENT.ADVISORY.STREAM.UPDATED.{stream}",
             *(f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{stream}.{d}" for d in durables),

@@ -33,6 +33,7 @@ from .store import Store
 FETCH_WAIT_S = 1.0  # a pull lost with a dead consumer leader costs at most this
 NO_WAIT_PULL = b'{"batch": 1, "no_wait": true}'
 NO_WAIT_TIMEOUT_S = 2.0
+ASK_EVERY_S = 1.0  # the queues above priority 1 are asked at least this often, heard of or not
 STATUS = "Status"  # the header of a JetStream status message (nats.js.api.Header.STATUS)
 ABORT_WAIT_S = 30.0
 log = logging.getLogger(__name__)
@@ -41,18 +42,41 @@ log = logging.getLogger(__name__)
 class Above:
     """The model's queues above priority 1, asked highest first and without waiting (JetStream's `no_wait` pull:
     a message at once, or a 404 status when the queue is empty). The pulls answer on one inbox of this worker's
-    (a delivered message keeps its own subject, so a request/reply inbox would not match it), one at a time."""
+    (a delivered message keeps its own subject, so a request/reply inbox would not match it), one at a time.
 
-    def __init__(self, nc: NATS, durables: dict[int, str]) -> None:
+    They are asked only when something may wait there: the worker hears every publish to those queue subjects (a
+    JetStream publish is a core one too, `listen`), and asks at least every ASK_EVERY_S anyway, for a request given
+    back or redelivered (nothing is published then). A fleet that never uses priorities pays no round trip."""
+
+    def __init__(self, nc: NATS, durables: dict[int, str], queues: dict[int, str]) -> None:
         self.nc = nc
         self.subjects = [f"$JS.API.CONSUMER.MSG.NEXT.{p.STREAM_NAME}.{durables[pr]}"
                          for pr in sorted(durables, reverse=True)]
+        self.queues = list(queues.values())
         self._inbox: Subscription | None = None
+        self._subs: list[Subscription] = []
         self._lock = asyncio.Lock()
+        self.heard = 1  # publishes heard (the first: whatever was queued before this worker started)
+        self.cleared = 0  # all heard up to this were found taken
+        self.asked_at = -ASK_EVERY_S
+
+    async def listen(self, new: Callable[[], None]) -> None:
+        """Hear each request queued above priority 1 (by any instance's ingress) and call `new`."""
+        async def heard(_msg: Msg) -> None:
+            self.heard += 1
+            new()
+
+        self._subs = [await self.nc.subscribe(q, cb=heard) for q in self.queues]
+
+    def worth_asking(self) -> bool:
+        return self.heard > self.cleared or time.monotonic() - self.asked_at >= ASK_EVERY_S
 
     async def next(self) -> Msg | None:
         """The oldest request of the highest priority that has one; None when none waits."""
+        if not self.worth_asking():
+            return None
         async with self._lock:
+            seen, self.asked_at = self.heard, time.monotonic()
             if self._inbox is None:
                 self._inbox = await self.nc.subscribe(self.nc.new_inbox())
             for subject in self.subjects:
@@ -62,13 +86,14 @@ class Above:
                 await self.nc.publish(subject, NO_WAIT_PULL, reply=self._inbox.subject)
                 if _request(msg := await self._inbox.next_msg(timeout=NO_WAIT_TIMEOUT_S)):
                     return msg
+            self.cleared = max(self.cleared, seen)  # a publish heard meanwhile is asked for at the next turn
         return None
 
     async def close(self) -> None:
-        if self._inbox is not None:
+        for sub in [*self._subs, *([self._inbox] if self._inbox else [])]:
             with contextlib.suppress(Exception):
-                await self._inbox.unsubscribe()
-            self._inbox = None
+                await sub.unsubscribe()
+        self._subs, self._inbox = [], None
 
 
 def _request(msg: Msg) -> bool:
@@ -134,13 +159,12 @@ class Consumer:
             return msg
         return (await self.psub.fetch(1, timeout=FETCH_WAIT_S))[0]
 
-    def wake(self, priority: int) -> None:
-        """This instance's ingress queued a request above priority 1: a spare slot takes it now rather than after
-        the pull of priority 1 that holds one slot ends (FETCH_WAIT_S at most, all this costs a one-slot
-        worker)."""
+    def wake(self) -> None:
+        """A request was queued above priority 1: a spare slot takes it now rather than after the pull of priority
+        1 that holds one slot ends (FETCH_WAIT_S at most, all this costs a one-slot worker)."""
         if self._pull is None or self.above is None or self.slots.locked():
             return
-        waker = asyncio.create_task(self._take_above(), name=f"wake-p{priority}")
+        waker = asyncio.create_task(self._take_above(), name="wake")
         self._wakers.add(waker)
         waker.add_done_callback(self._wakers.discard)
 

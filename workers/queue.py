@@ -144,7 +144,6 @@ class Ingress:
         self.replier = Replier(nc, settings)
         self.limits = settings.limits
         self.service: Any = None
-        self.urgent: Callable[[int], None] | None = None  # told when it queued a request above priority 1
 
     async def start(self, stats: Callable[[Any], Any]) -> None:
         """Serve the public subject as an ADR-32 endpoint, so `$SRV.PING/INFO/STATS` list this instance."""
@@ -207,8 +206,6 @@ class Ingress:
                 self.queued(ack.seq, req_id, reply_targets(msg.reply, payload_reply,
                                                             prefixes=self.limits.reply_prefixes), deadline,
                             priority=priority)
-            if priority != p.DEFAULT_PRIORITY and self.urgent is not None:
-                self.urgent(priority)
         except p.BadRequest as e:
             await self._reject(msg, req_id, payload_reply, e.status, e.type, e.message)
         except APIError as e:

@@ -255,14 +255,16 @@ class Worker:
             cancels = await nc.subscribe(subject, cb=self._on_cancel)
             stack.push_async_callback(cancels.unsubscribe)
         psub = await js.pull_subscribe_bind(durable=durables[p.DEFAULT_PRIORITY], stream=p.STREAM_NAME)
-        above = {pr: d for pr, d in durables.items() if pr != p.DEFAULT_PRIORITY}
+        above = Above(nc, {pr: d for pr, d in durables.items() if pr != p.DEFAULT_PRIORITY},
+                      {pr: p.queue_subject(s.model_kind, s.model_name, pr) for pr in p.PRIORITIES
+                       if pr != p.DEFAULT_PRIORITY})
         consumer = self._consumer = Consumer(psub, settings=s, runner=runner, replier=replier, ledger=self.ledger,
                                              store=self.store, metrics=self.metrics, answered=answered,
-                                             attempts=Attempts(answered.kv, s, self.store), above=Above(nc, above))
+                                             attempts=Attempts(answered.kv, s, self.store), above=above)
+        await above.listen(consumer.wake)
         consumer.start()
         stack.push_async_callback(consumer.stop_pulling)
         ingress = Ingress(nc, js, s, self.ledger.record, queued=self._guard.queued if self._guard else None)
-        ingress.urgent = consumer.wake
         await ingress.start(telemetry.stats_data)
         stack.push_async_callback(ingress.stop)
         dead_letters = DeadLetters(nc, js, s, self.store, self.ledger.record)
