@@ -9,7 +9,7 @@ FLEET := $(BIN)/python -m workers.ops.fleet
 WORKERS := $(patsubst envs/worker.%.env,%,$(wildcard envs/worker.*.env))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models up cluster start stop list-workers logs nats monitor-dashboard gateway monitor-cli monitor-status \
+.PHONY: help setup models up cluster start stop list-workers logs nats monitor-dashboard gateway agent monitor-cli monitor-status \
 	browser compose-tool test test-unit bench lint typecheck $(WORKERS)
 
 help: ## this list
@@ -59,6 +59,9 @@ monitor-dashboard: $(STAMP) ## the monitor: dashboard, REST and SSE on MONITOR_A
 
 gateway: $(STAMP) ## one OpenAI-compatible API for every model, over NATS, on GATEWAY_ADDR (default 127.0.0.1:8000)
 	$(BIN)/python -m gateway
+
+agent: $(STAMP) ## this machine's host agent in the foreground: the gateway's model load/unload (make up starts it)
+	$(BIN)/python -m workers.ops.agent
 
 monitor-cli: $(STAMP) ## the fleet as a live table in the terminal (sort keys shown; q quits)
 	$(BIN)/python -m monitor tui

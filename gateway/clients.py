@@ -39,7 +39,7 @@ from .config import GatewaySettings
 from .metrics import ANONYMOUS, GatewayMetrics
 
 WINDOW_S = 60.0
-FIELDS = {"name", "sha256", "rpm", "tpm"}
+FIELDS = {"name", "sha256", "rpm", "tpm", "admin"}
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -51,6 +51,7 @@ class Key:
     digest: bytes  # sha256 of the key
     rpm: int = 0  # requests per minute, 0: unlimited
     tpm: int = 0  # tokens per minute, 0: unlimited
+    admin: bool = False  # may load and unload models (POST /v1/models/{id}/load, unload)
 
 
 class Limited(p.BadRequest):
@@ -99,7 +100,7 @@ def _key(entry: Any, at: str) -> Key:
     if not isinstance(entry, dict):
         raise ConfigError(f"{at}: a key is a [[keys]] table")
     if unknown := sorted(set(entry) - FIELDS):
-        raise ConfigError(f"{at}: unknown field {unknown[0]!r}; a key has name, sha256, rpm and tpm")
+        raise ConfigError(f"{at}: unknown field {unknown[0]!r}; a key has name, sha256, rpm, tpm and admin")
     name, digest = entry.get("name"), entry.get("sha256")
     if not isinstance(name, str) or not name.strip() or name == ANONYMOUS:
         raise ConfigError(f"{at}: name must be a non-empty string other than {ANONYMOUS!r}")
@@ -111,7 +112,10 @@ def _key(entry: Any, at: str) -> Key:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{at}: {limit} must be a whole number ≥ 0 (0: unlimited), got {value!r}")
         limits.append(value)
-    return Key(name.strip(), bytes.fromhex(digest), *limits)
+    admin = entry.get("admin", False)
+    if not isinstance(admin, bool):
+        raise ConfigError(f"{at}: admin must be true or false, got {admin!r}")
+    return Key(name.strip(), bytes.fromhex(digest), limits[0], limits[1], admin)
 
 
 @dataclass
@@ -165,6 +169,10 @@ class Clients:
         request.state.client = key.name  # so a refused request is counted under its client
         self.check(key)
         return key.name
+
+    def is_admin(self, client: str | None) -> bool:
+        """Whether the admitted client may load and unload models: any client when the gateway has no keys."""
+        return not self.keys or (client in self.by_name and self.by_name[client].admin)
 
     def identify(self, given: str) -> Key | None:
         """The key whose digest matches, compared in constant time against every key (no early exit)."""

@@ -48,6 +48,12 @@ class GatewaySettings(NatsSettings):
     gateway_breaker_cooldown_s: float = Field(default=30.0, gt=0,
                                               description="how long an open breaker routes around its model")
 
+    # load and unload through the host agents (admin.py, workers/ops/agent.py)
+    gateway_load_timeout_s: float = Field(default=330.0, gt=0,
+                                          description="how long POST /v1/models/{id}/load waits for the host agent "
+                                                      "(its AGENT_LOAD_TIMEOUT_S, 300, for the model to come up)")
+    gateway_agent_wait_s: float = Field(default=0.5, gt=0, description="how long the agents are given to answer")
+
     # clients and limits (clients.py)
     gateway_keys_file: str = Field(default="", description="API keys (hashed) and their limits; empty: no keys")
 

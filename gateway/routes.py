@@ -27,6 +27,7 @@ from workers.httpkit import PARAM_OF, Handler, error, error_fields, json_object,
 from workers.openai_api import OPENAI_PARAMS, Chat, Completion, Embeddings, b64
 
 from . import orchestrate
+from .admin import change
 from .cache import ResponseCache
 from .clients import Clients
 from .config import GatewaySettings
@@ -392,7 +393,17 @@ def routes(parts: Parts) -> list[Route]:
 
         return await cached(request, "embeddings", body, respond)
 
+    @answering
+    async def load(request: Request) -> Response:
+        return await change(request, "load", clients=clients, settings=settings, fleet=fleet)
+
+    @answering
+    async def unload(request: Request) -> Response:
+        return await change(request, "unload", clients=clients, settings=settings, fleet=fleet)
+
     return [
+        Route("/v1/models/{model}/load", load, methods=["POST"]),
+        Route("/v1/models/{model}/unload", unload, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),

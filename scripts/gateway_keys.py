@@ -22,7 +22,7 @@ from workers.settings import ConfigError
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")  # readable as a metrics label and in logs
 
 
-def add(path: Path, name: str, rpm: int, tpm: int) -> str:
+def add(path: Path, name: str, rpm: int, tpm: int, admin: bool = False) -> str:
     """A new key for `name`, its digest appended to `path`; ConfigError when the file or the name is wrong."""
     if not NAME.match(name) or name == ANONYMOUS:
         raise ConfigError(f"the name {name!r} should be letters, digits, _ . @ - (and not {ANONYMOUS!r})")
@@ -33,6 +33,8 @@ def add(path: Path, name: str, rpm: int, tpm: int) -> str:
         raise ConfigError(f"{path} already has a key named {name!r}; delete its [[keys]] table first to replace it")
     key = f"fk-{secrets.token_urlsafe(32)}"
     entry = f'[[keys]]\nname = "{name}"\nsha256 = "{digest_of(key)}"\nrpm = {rpm}\ntpm = {tpm}\n'
+    if admin:
+        entry += "admin = true\n"
     separator = "" if not existing or existing.endswith("\n\n") else ("\n" if existing.endswith("\n") else "\n\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     adding.add_argument("name", help="the client's name (metrics label)")
     adding.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
     adding.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: unlimited)")
+    adding.add_argument("--admin", action="store_true", help="may load and unload models (/v1/models/{id}/load)")
     adding.add_argument("--file", default=os.environ.get("GATEWAY_KEYS_FILE", ""),
                         help="the keys file (default: $GATEWAY_KEYS_FILE)")
     args = parser.parse_args(argv)
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: name the keys file with --file or GATEWAY_KEYS_FILE", file=sys.stderr)
         return 2
     try:
-        key = add(Path(args.file), args.name, args.rpm, args.tpm)
+        key = add(Path(args.file), args.name, args.rpm, args.tpm, args.admin)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -201,6 +201,9 @@ def test_up_starts_the_monitor_and_the_gateway_beside_the_workers(fleet: tuple[F
     assert f"✓ gateway: OpenAI API on http://{f.env['GATEWAY_ADDR']}/v1 (pid {gateway})" in out, out
     assert answers_http(f.monitor_health()) == 200
     assert answers_http(f.gateway_health()) == 200
+    [agent] = f.pids("agent")
+    assert f.records()[f"agent.{agent}.pid"][1][1:] == ["-m", "workers.ops.agent"]
+    assert f"✓ agent: loads and unloads workers of this machine for the gateway (pid {agent})" in out, out
 
 
 def test_a_second_up_starts_nothing(fleet: tuple[Fleet, str]) -> None:
@@ -211,7 +214,7 @@ def test_a_second_up_starts_nothing(fleet: tuple[Fleet, str]) -> None:
     assert f.records() == before
     assert f.processes() == {pid for pid, _ in before.values()}
     assert f"NATS: using the server at {f.nats_url}" in out, out
-    for name in (WORKER, "monitor", "gateway"):
+    for name in (WORKER, "agent", "monitor", "gateway"):
         [pid] = f.pids(name)
         assert f"· {name}: already running (pid {pid})" in out, out
     assert "✓" not in out and "started embedded" not in out, out
@@ -255,12 +258,37 @@ def test_logs_of_a_worker_never_started_says_how_to_start_it(fleet: tuple[Fleet,
     assert "no log yet at" in done.stderr and "make start WORKER=gemma3-270m" in done.stderr, done.stderr
 
 
+# --- load and unload through the gateway and this machine's agent ------------------------
+
+def test_the_gateway_unloads_and_loads_a_worker_through_the_host_agent(fleet: tuple[Fleet, str]) -> None:
+    f, _ = fleet
+    api = f"http://{f.env['GATEWAY_ADDR']}/v1/models"
+    [old] = f.pids(WORKER)
+    gone_ = httpx.post(f"{api}/{WORKER}/unload", timeout=60)
+    assert gone_.status_code == 200, gone_.text
+    assert gone_.json()["status"] == "stopped" and gone_.json()["hosts"][0]["pids"] == [old]
+    assert f.pids(WORKER) == [] and gone(old)
+    again = httpx.post(f"{api}/{WORKER}/unload", timeout=60)
+    assert again.status_code == 200 and again.json()["status"] == "not_running"
+    loaded = httpx.post(f"{api}/{WORKER}/load", timeout=150)
+    assert loaded.status_code == 200, loaded.text + f.logs()
+    [new] = f.pids(WORKER)
+    assert loaded.json()["status"] == "online" and loaded.json()["hosts"][0]["pids"] == [new] != [old]
+    assert "data" in asyncio.run(embed(f.nats_url, "after-load", "Loaded again."))  # it serves
+    assert httpx.post(f"{api}/{WORKER}/load", timeout=60).json()["status"] == "running"
+    unknown = httpx.post(f"{api}/no-such-model/load", timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "unknown_worker"
+    assert "envs/worker.no-such-model.env" in unknown.json()["error"]["message"]
+    host = httpx.post(f"{api}/{WORKER}/load", json={"host": "elsewhere"}, timeout=60)
+    assert host.status_code == 404 and host.json()["error"]["type"] == "unknown_host"
+
+
 # --- stop ------------------------------------------------------------------------------
 
 def test_stop_ends_exactly_the_recorded_processes(fleet: tuple[Fleet, str], tmp_path: Path) -> None:
     f, _ = fleet
-    ours = {name: pid for name in (WORKER, "gateway", "monitor", "nats") for pid in f.pids(name)}
-    assert len(ours) == 4
+    ours = {name: pid for name in ("agent", WORKER, "gateway", "monitor", "nats") for pid in f.pids(name)}
+    assert len(ours) == 5
     # a reused PID: the record names a worker, the process is something else
     impostor = subprocess.Popen(["sleep", "300"])
     fake = f.run / f"{WORKER}.{impostor.pid}.pid"
@@ -271,9 +299,10 @@ def test_stop_ends_exactly_the_recorded_processes(fleet: tuple[Fleet, str], tmp_
     try:
         out = f.stop()
         stopping = re.findall(r"^stopping (\S+) \(pid (\d+)\)$", out, re.M)
-        # workers first, then the monitor and the gateway, NATS last
-        assert stopping == [(WORKER, str(ours[WORKER])), ("gateway", str(ours["gateway"])),
-                            ("monitor", str(ours["monitor"])), ("nats", str(ours["nats"]))], out
+        # the agent, the workers, then the monitor and the gateway, NATS last
+        assert stopping == [("agent", str(ours["agent"])), (WORKER, str(ours[WORKER])),
+                            ("gateway", str(ours["gateway"])), ("monitor", str(ours["monitor"])),
+                            ("nats", str(ours["nats"]))], out
         assert all(gone(pid) for pid in ours.values())
         assert f.processes() == {bystander.pid}  # it has the fleet's DATA_DIR too
         assert not broker.answers(f.nats_url)
@@ -299,7 +328,7 @@ def test_up_uses_the_nats_that_answers_and_stop_leaves_it_running(tmp_path: Path
         assert f.pids("nats") == [] and not (f.data / "nats").exists()
         [pid] = f.pids(WORKER)
         assert f"✓ {WORKER}: online on {SUBJECT} (pid {pid})" in out, out
-        assert set(f.records()) == {f"{WORKER}.{pid}.pid"}  # --no-monitor: neither the monitor nor the gateway
+        assert set(f.records()) == {f"{WORKER}.{pid}.pid"}  # --no-monitor: no agent, monitor or gateway
         f.stop()
         assert gone(pid) and f.processes() == set() and broker.answers(server.url)
     finally:

@@ -39,8 +39,9 @@ pytestmark = pytest.mark.model  # the workers load real models
 
 MINILM_ENV = ROOT / "envs" / "worker.minilm-l6-v2.env"
 CHAT, EMBED = "gemma3-270m", "minilm-l6-v2"
-KEYS = {"bob": "fk-bob-two-a-minute", "carol": "fk-carol-ten-tokens", "dave": "fk-dave-one-a-minute"}
-LIMITS = {"bob": "rpm = 2", "carol": "tpm = 10", "dave": "rpm = 1"}
+KEYS = {"bob": "fk-bob-two-a-minute", "carol": "fk-carol-ten-tokens", "dave": "fk-dave-one-a-minute",
+        "erin": "fk-erin-the-admin"}
+LIMITS = {"bob": "rpm = 2", "carol": "tpm = 10", "dave": "rpm = 1", "erin": "admin = true"}
 
 
 @dataclass
@@ -144,6 +145,18 @@ async def test_a_request_needs_a_known_key_in_either_header(fleet: Fleet) -> Non
     assert wrong.value.status_code == 401 and wrong.value.type == "invalid_api_key"
     good = await fleet.client().embeddings.create(model=EMBED, input="who goes there")
     assert len(good.data[0].embedding) == 384
+
+
+async def test_only_an_admin_key_may_load_or_unload_a_model(fleet: Fleet) -> None:
+    url = f"{fleet.gateways[0].url}/v1/models/{CHAT}"
+    async with httpx.AsyncClient(timeout=60) as http:
+        for verb in ("load", "unload"):
+            refused = await http.post(f"{url}/{verb}", headers={"x-api-key": fleet.keys["alice"]})
+            assert refused.status_code == 403 and refused.json()["error"]["type"] == "forbidden"
+            assert "admin = true" in refused.json()["error"]["message"]
+        # erin may: the gateway goes on to ask the host agents, and none runs beside this test's fleet
+        admitted = await http.post(f"{url}/load", headers={"x-api-key": fleet.keys["erin"]})
+        assert admitted.status_code == 503 and admitted.json()["error"]["type"] == "no_agent"
 
 
 async def test_the_third_request_within_a_minute_of_a_two_rpm_key_is_429_with_retry_after(fleet: Fleet) -> None:
@@ -275,6 +288,7 @@ def test_limits_slide_over_the_last_sixty_seconds(tmp_path: Path) -> None:
     (f'[[keys]]\nname = "a"\nsha256 = "{"0" * 64}"\n[[keys]]\nname = "a"\nsha256 = "{"1" * 64}"\n',
      "line 4: the name 'a' is taken"),
     (f'[[keys]]\nname = "a"\nsha256 = "{"0" * 64}"\nrpm = -1\n', "rpm must be a whole number"),
+    (f'[[keys]]\nname = "a"\nsha256 = "{"0" * 64}"\nadmin = "yes"\n', "admin must be true or false"),
 ])
 def test_a_bad_keys_file_names_the_file_the_line_and_the_fix(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "keys.toml"

@@ -114,6 +114,7 @@ def up(names: list[str], timeout: float, monitor: bool = True) -> int:
     ensure_nats(specs[0].settings.nats_url)
     failed = start_workers(specs, timeout)
     if monitor:
+        start_agent(specs[0].settings.nats_url)
         start_monitor(specs[0].settings.nats_url)
     console.print('\nTry: nats req --timeout 30s inference.request.smollm2-135m \'{"input":"What is NATS?"}\'   '
                   "· make logs WORKER=smollm2-135m · make stop")
@@ -209,6 +210,32 @@ def start_monitor(nats_url: str) -> None:
                 f"OpenAI API on http://127.0.0.1:{port}/v1", f"curl http://127.0.0.1:{port}/v1/models")
 
 
+def start_agent(nats_url: str, timeout: float = 15.0) -> None:
+    """This machine's host agent (workers/ops/agent.py: the gateway's load and unload), unless ours runs."""
+    if pids := running("agent"):
+        console.print(f"[green]·[/] agent: already running (pid {', '.join(map(str, pids))})")
+        return
+    log = RUN / "agent.log"
+    start = log.stat().st_size if log.exists() else 0
+    proc = start_background("agent", [sys.executable, "-m", "workers.ops.agent"], env={"NATS_URL": nats_url})
+    ends = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < ends:
+        with log.open("rb") as f:
+            f.seek(start)
+            if b"answering" in f.read():
+                console.print(f"[green]✓[/] agent: loads and unloads workers of this machine for the gateway "
+                              f"(pid {proc.pid})")
+                return
+        time.sleep(0.2)
+    if proc.poll() is None:
+        console.print(f"[yellow]·[/] agent: started (pid {proc.pid}) but not answering within {timeout:g} s; "
+                      f"see {shown(log)}")
+        return
+    pidfile("agent", proc.pid).unlink(missing_ok=True)
+    console.print(f"[red]✗[/] agent: exited (see {shown(log)}): "
+                  + " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:]))
+
+
 def start_front(name: str, nats_url: str, health: str, serves: str, hint: str, timeout: float = 15.0) -> None:
     """`python -m <name>` in the background; ✓ once `health` answers, ✗ with its log's last lines if it exits."""
     if pids := running(name):
@@ -246,8 +273,10 @@ def start(name: str) -> int:
 
 
 def stop(names: list[str]) -> int:
-    # workers first, then the monitor and the gateway, NATS last (the workers drain through it)
-    targets = names or sorted(recorded_names(), key=lambda n: (n == "nats", n in ("monitor", "gateway"), n))
+    # the agent first (it starts nothing more), the workers, then the monitor and the gateway, NATS last (the workers
+    # drain through it)
+    targets = names or sorted(recorded_names(),
+                              key=lambda n: (n != "agent", n == "nats", n in ("monitor", "gateway"), n))
     stopped = 0
     for name in targets:
         for f, pid, argv in recorded(name):
@@ -332,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("up", help="NATS + the default workers, in the background")
     u.add_argument("names", nargs="*", default=DEFAULT_WORKERS, help="worker names (envs/) or env files")
     u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each worker's ready heartbeat")
-    u.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not start the monitor")
+    u.add_argument("--no-monitor", dest="monitor", action="store_false",
+                   help="do not start the agent, the monitor or the gateway")
     c = sub.add_parser("cluster", help="a local 3-node NATS cluster + the default workers spread over it + monitor")
     c.add_argument("names", nargs="*", default=DEFAULT_WORKERS)
     c.add_argument("--ports", default=os.environ.get("CLUSTER_PORTS", "4222,4223,4224"),
