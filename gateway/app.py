@@ -49,7 +49,7 @@ def ready_models(registry: Registry) -> list[str]:
 def create_app(settings: GatewaySettings) -> Starlette:
     """The ASGI app; its lifespan connects to NATS in the background (requests get 503 until it is up)."""
     registry = Registry(settings.discovery())
-    feed = Feed(registry, registry.settings)
+    feed = Feed(registry, registry.settings, requests=False)  # one event per request it sends: not needed here
     fleet = Fleet(feed, registry)
     metrics = GatewayMetrics()
     parts = Parts(fleet, settings, Router(registry, settings), ResponseCache(settings, lambda: feed.nc),

@@ -40,8 +40,9 @@ PUSH_DELAY = 0.05  # input that arrives together (a burst of reports) goes out a
 
 
 class Feed:
-    def __init__(self, registry: Registry, settings: MonitorSettings) -> None:
+    def __init__(self, registry: Registry, settings: MonitorSettings, requests: bool = True) -> None:
         self.registry, self.settings = registry, settings
+        self.requests = requests  # False: no finished-request events (the gateway routes on heartbeats and reports)
         self.nc: NATS | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_up: asyncio.Task[None] | None = None
@@ -72,7 +73,8 @@ class Feed:
             raise RuntimeError("Feed.start() before Feed.connect()")
         await self.nc.subscribe(HEARTBEATS, cb=self._on_heartbeat)
         await self.nc.subscribe(REPORTS, cb=self._on_report)
-        await self.nc.subscribe(p.REQUEST_EVENTS, cb=self._on_request)
+        if self.requests:
+            await self.nc.subscribe(p.REQUEST_EVENTS, cb=self._on_request)
         await self.nc.flush()
         await self.sweep()
         self.registry.tick()
