@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import math
 import re
+import secrets
 import time
 import tomllib
 from collections import deque
@@ -39,6 +40,8 @@ from .config import GatewaySettings
 from .metrics import ANONYMOUS, GatewayMetrics
 
 WINDOW_S = 60.0
+INTERNAL = "x-fleet-internal"
+WEBHOOK = "webhook"  # the client name of jobs that came in through POST /webhooks/ingest
 FIELDS = {"name", "sha256", "rpm", "tpm", "admin"}
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -152,12 +155,24 @@ class Clients:
         self.keys = load_keys(settings.gateway_keys_file) if settings.gateway_keys_file else []
         self.by_name = {k.name: k for k in self.keys}
         self.windows = {k.name: Window() for k in self.keys if k.rpm or k.tpm}
+        # what this process's jobs of ingested webhooks carry instead of a key (never leaves the process)
+        self.internal = secrets.token_urlsafe(24)
 
     def admit(self, request: Request) -> str | None:
         """The client's name for this request (None without keys); raises BadRequest 401 for a missing or wrong
         key and Limited when its requests or tokens per minute are used up."""
         if not self.keys:
             return None
+        if hmac.compare_digest(request.headers.get(INTERNAL, "").encode(), self.internal.encode()):
+            return WEBHOOK  # a job that came in through POST /webhooks/ingest, its signature checked
+        key = self.who(request)
+        request.state.client = key.name  # so a refused request is counted under its client
+        self.check(key)
+        return key.name
+
+    def who(self, request: Request) -> Key:
+        """The key of this request (only with keys); raises BadRequest 401 for a missing or wrong one. Counts
+        nothing against its limits."""
         given = bearer(request.headers) or request.headers.get("x-api-key", "").strip()
         if not given:
             raise p.BadRequest("missing_api_key", "this gateway needs an API key: send it as `Authorization: Bearer "
@@ -166,9 +181,7 @@ class Clients:
         if key is None:
             raise p.BadRequest("invalid_api_key", "this API key is not one the gateway knows; check it, or ask the "
                                "gateway's operator for one", status=401)
-        request.state.client = key.name  # so a refused request is counted under its client
-        self.check(key)
-        return key.name
+        return key
 
     def is_admin(self, client: str | None) -> bool:
         """Whether the admitted client may load and unload models: any client when the gateway has no keys."""

@@ -48,6 +48,7 @@ from starlette.types import ASGIApp
 from workers import protocol as p
 from workers.httpkit import Handler, error, error_fields, json_object, read_body, refusal
 
+from .clients import INTERNAL
 from .routes import Parts
 
 BUCKET = "FLEET_JOBS"
@@ -295,14 +296,16 @@ def job_routes(parts: Parts) -> list[Route]:
                 return error(500, "internal_error", f"internal error ({type(e).__name__}); see the gateway's log")
         return wrapped
 
-    async def accepted(request: Request, body: dict[str, Any]) -> Response:
+    async def accepted(request: Request, body: dict[str, Any], extra: dict[str, str] | None = None) -> Response:
         spec = jobs.spec_of(body)
-        headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+        headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None} | (extra or {})
         record = await jobs.submit(request.app, spec, headers)
         return JSONResponse({k: record[k] for k in ("id", "object", "status", "created")}, status_code=202)
 
     @refusing
     async def create(request: Request) -> Response:
+        if parts.clients.keys:
+            parts.clients.who(request)  # a missing or wrong key is 401 now, not a failed job later
         return await accepted(request, json_object(await read_body(request, parts.settings.gateway_max_request_bytes)))
 
     @refusing
@@ -312,7 +315,8 @@ def job_routes(parts: Parts) -> list[Route]:
                                "WEBHOOK_SECRET_FILE) on the gateway and sign requests with it", status=503)
         raw = await read_body(request, parts.settings.gateway_max_request_bytes)
         verify(jobs.secret, request.headers.get(SIGNATURE), raw)
-        return await accepted(request, json_object(raw))
+        # the signature is its credential: the job runs as the client `webhook` (no key, no limits)
+        return await accepted(request, json_object(raw), {INTERNAL: parts.clients.internal})
 
     @refusing
     async def show(request: Request) -> Response:

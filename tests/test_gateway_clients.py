@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from starlette.requests import Request
 
 from gateway.clients import Clients, Limited, load_keys
 from gateway.config import load_settings as gateway_settings
+from gateway.jobs import sign
 from workers import protocol as p
 from workers.config import ROOT, load_settings
 from workers.modelfile import resolve
@@ -42,6 +44,7 @@ CHAT, EMBED = "gemma3-270m", "minilm-l6-v2"
 KEYS = {"bob": "fk-bob-two-a-minute", "carol": "fk-carol-ten-tokens", "dave": "fk-dave-one-a-minute",
         "erin": "fk-erin-the-admin"}
 LIMITS = {"bob": "rpm = 2", "carol": "tpm = 10", "dave": "rpm = 1", "erin": "admin = true"}
+SECRET = "clients-test-webhook-secret"
 
 
 @dataclass
@@ -97,7 +100,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
     try:
         keys_file, keys = _keys_file(tmp)
         for _ in range(2):
-            gateways.append(start_gateway(server.url, tmp, GATEWAY_KEYS_FILE=keys_file, CACHE_TTL_S=60))
+            gateways.append(start_gateway(server.url, tmp, GATEWAY_KEYS_FILE=keys_file, CACHE_TTL_S=60,
+                                          WEBHOOK_SECRET=SECRET))
         for w in workers.values():
             asyncio.run(wait_online(server.url, w))
         for gw in gateways:
@@ -157,6 +161,36 @@ async def test_only_an_admin_key_may_load_or_unload_a_model(fleet: Fleet) -> Non
         # erin may: the gateway goes on to ask the host agents, and none runs beside this test's fleet
         admitted = await http.post(f"{url}/load", headers={"x-api-key": fleet.keys["erin"]})
         assert admitted.status_code == 503 and admitted.json()["error"]["type"] == "no_agent"
+
+
+async def test_a_job_needs_a_key_at_once_and_a_signed_ingest_runs_without_one(fleet: Fleet) -> None:
+    gw = fleet.gateways[0].url
+    request = {"model": EMBED, "input": "a job of alice's", "encoding_format": "float"}
+    async with httpx.AsyncClient(base_url=gw, timeout=60) as http:
+
+        async def finished(job_id: str) -> dict[str, Any]:
+            for _ in range(600):
+                job = (await http.get(f"/v1/jobs/{job_id}")).json()
+                if job["status"] not in ("queued", "running"):
+                    return dict(job)
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"job {job_id} did not finish")
+
+        refused = await http.post("/v1/jobs", json={"request": request})
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "missing_api_key"
+        accepted = await http.post("/v1/jobs", json={"endpoint": "/v1/embeddings", "request": request},
+                               headers={"x-api-key": fleet.keys["alice"]})
+        assert accepted.status_code == 202, accepted.text
+        done = await finished(accepted.json()["id"])
+        assert done["status"] == "succeeded", json.dumps(done)
+        # a signed webhook carries no key: its signature admits it, and its job runs as the client `webhook`
+        body = json.dumps({"endpoint": "/v1/embeddings", "request": {**request, "input": "an ingested job"}}).encode()
+        ingested = await http.post("/webhooks/ingest", content=body, headers={"X-Fleet-Signature": sign(SECRET, body)})
+        assert ingested.status_code == 202, ingested.text
+        job = await finished(ingested.json()["id"])
+        assert job["status"] == "succeeded", job
+        forged = await http.post("/v1/embeddings", json=request, headers={"x-fleet-internal": "guess"})
+        assert forged.status_code == 401  # the marker of ingested jobs is a secret of the process
 
 
 async def test_the_third_request_within_a_minute_of_a_two_rpm_key_is_429_with_retry_after(fleet: Fleet) -> None:
