@@ -1,6 +1,7 @@
 """The identities of the least-privilege NATS example (deploy/nats/, README "Least privilege").
 
-    python scripts/nats_credentials.py                     # the default fleet: 4 workers, alice, bob, a monitor
+    python scripts/nats_credentials.py                     # the default fleet: 4 workers, alice, bob, a monitor,
+                                                           # a gateway
     python scripts/nats_credentials.py --worker qwen3-4b   # add a model's worker (kind from envs/worker.qwen3-4b.env)
     python scripts/nats_credentials.py --client carol      # add a caller
     python scripts/nats_credentials.py --rotate client.bob # a new key for bob (his old seed stops working)
@@ -34,6 +35,8 @@ DEFAULT_OUT = ROOT / "deploy" / "nats"
 DEFAULT_WORKERS = ["smollm2-135m", "gemma3-270m", "gemma3-270m-embed", "minilm-l6-v2"]  # `make up`'s
 DEFAULT_CLIENTS = ["alice", "bob"]
 DEFAULT_MONITORS = ["monitor"]
+DEFAULT_GATEWAYS = ["gateway"]
+GATEWAY_BUCKETS = ("FLEET_CACHE", "FLEET_JOBS")  # gateway/cache.py, gateway/jobs.py
 KINDS: tuple[p.Kind, ...] = ("inference", "embedding")
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # one subject token: it becomes the identity's inbox prefix
 MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the names a worker accepts as MODEL_NAME
@@ -53,7 +56,7 @@ class Permissions:
 
 @dataclass(frozen=True)
 class Identity:
-    role: str  # worker | client | monitor
+    role: str  # worker | client | monitor | gateway
     name: str  # the user's token: its inbox prefix is _INBOX.<name>
     model: str = ""  # workers only
     kind: p.Kind = "inference"  # workers only
@@ -139,7 +142,23 @@ def monitor(i: Identity) -> Permissions:
     )
 
 
-ROLES = {"worker": worker, "client": client, "monitor": monitor}
+def gateway(i: Identity) -> Permissions:
+    """The OpenAI gateway: ask and cancel its own requests of any model, discover the fleet as the monitor does
+    (heartbeats, reports, $SRV, health), keep its KV buckets (response cache, jobs) and ask the host agents."""
+    return Permissions(
+        publish=[*(f"{k}.request.>" for k in KINDS), *(p.owner_cancel_subject(k, i.name, ">") for k in KINDS),
+                 "$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>", "models.>",
+                 "fleet.agents", "fleet.agent.*.load", "fleet.agent.*.unload",
+                 *(f"$KV.{b}.>" for b in GATEWAY_BUCKETS),
+                 *(f"{JS}.STREAM.{op}.KV_{b}" for b in GATEWAY_BUCKETS
+                   for op in ("INFO", "CREATE", "UPDATE", "MSG.GET")),
+                 *(f"{JS}.DIRECT.GET.KV_{b}.>" for b in GATEWAY_BUCKETS)],
+        publish_deny=(HEARTBEATS,),
+        subscribe=[HEARTBEATS, "monitoring.>", f"{i.inbox}.>"],
+    )
+
+
+ROLES = {"worker": worker, "client": client, "monitor": monitor, "gateway": gateway}
 
 
 def worker_identity(spec: str) -> Identity:
@@ -180,7 +199,8 @@ def from_file(path: Path) -> Identity:
         return worker_identity(f"{model}:{kind}")
     if role in ROLES:
         return named(role, rest)
-    raise CredentialsError(f"{path}: not a seed file of this script (worker.*, client.*, monitor.*); move it away")
+    raise CredentialsError(f"{path}: not a seed file of this script (worker.*, client.*, monitor.*, gateway.*); "
+                           "move it away")
 
 
 def check(identities: list[Identity]) -> None:
@@ -249,15 +269,16 @@ def write_seed(path: Path) -> None:
 
 
 def generate(out: Path, workers: list[str], clients: list[str], monitors: list[str],
-             rotate: list[str]) -> list[Identity]:
+             rotate: list[str], gateways: list[str] | None = None) -> list[Identity]:
     """Create the missing seeds (and the rotated ones), then rewrite accounts.conf for every identity."""
     creds = out / "creds"
     existing = [from_file(f) for f in sorted(creds.glob("*.nk"))]
     named_now = ([worker_identity(w) for w in workers] + [named("client", c) for c in clients]
-                 + [named("monitor", m) for m in monitors])
+                 + [named("monitor", m) for m in monitors] + [named("gateway", g) for g in gateways or []])
     if not existing and not named_now:
         named_now = ([worker_identity(w) for w in DEFAULT_WORKERS] + [named("client", c) for c in DEFAULT_CLIENTS]
-                     + [named("monitor", m) for m in DEFAULT_MONITORS])
+                     + [named("monitor", m) for m in DEFAULT_MONITORS]
+                     + [named("gateway", g) for g in DEFAULT_GATEWAYS])
     identities = list(dict.fromkeys(existing + named_now))
     check(identities)
     unknown = set(rotate) - {i.file.removesuffix(".nk") for i in identities}
@@ -281,11 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", action="append", default=[], metavar="MODEL[:KIND]", help="a model's worker identity")
     ap.add_argument("--client", action="append", default=[], metavar="NAME", help="a caller (inbox _INBOX.NAME)")
     ap.add_argument("--monitor", action="append", default=[], metavar="NAME", help="a monitor identity")
+    ap.add_argument("--gateway", action="append", default=[], metavar="NAME", help="an OpenAI gateway identity")
     ap.add_argument("--rotate", action="append", default=[], metavar="IDENTITY",
                     help="a new key for an identity, named as its seed file without .nk (e.g. client.bob)")
     args = ap.parse_args(argv)
     try:
-        identities = generate(args.out, args.worker, args.client, args.monitor, args.rotate)
+        identities = generate(args.out, args.worker, args.client, args.monitor, args.rotate, args.gateway)
     except (CredentialsError, nkeys.NkeysError, OSError) as e:
         print(f"nats_credentials: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ from .acl_support import (
 )
 
 GEMMA, MINILM = "worker.inference.gemma3-270m", "worker.embedding.minilm-l6-v2"
-ALICE, BOB, MONITOR = "client.alice", "client.bob", "monitor.monitor"
+ALICE, BOB, MONITOR, GATEWAY = "client.alice", "client.bob", "monitor.monitor", "gateway.gateway"
 STREAM = p.STREAM_NAME
 DURABLE = p.consumer_name("inference", "gemma3-270m")
 REQUEST = p.request_subject("inference", "gemma3-270m")
@@ -93,7 +93,7 @@ def test_the_generated_config_is_valid_for_one_server_and_for_a_cluster_node(acl
     assert ok.returncode == 0, ok.stderr
     accounts = (acl_conf / "accounts.conf").read_text()
     seeds = sorted((acl_conf / "creds").glob("*.nk"))
-    assert [s.name for s in seeds] == ["client.alice.nk", "client.bob.nk", "monitor.monitor.nk",
+    assert [s.name for s in seeds] == ["client.alice.nk", "client.bob.nk", "gateway.gateway.nk", "monitor.monitor.nk",
                                        "worker.embedding.gemma3-270m-embed.nk", "worker.embedding.minilm-l6-v2.nk",
                                        "worker.inference.gemma3-270m.nk", "worker.inference.smollm2-135m.nk"]
     for seed in seeds:
@@ -523,3 +523,48 @@ async def test_a_client_cannot_steer_a_workers_answer_onto_its_heartbeat_or_repo
         while True:
             bodies.append((await reports.next_msg(timeout=0.2)).data)
     assert not [b for b in bodies if b'"steer-' in b]
+
+
+@pytest.mark.model
+async def test_the_gateway_with_its_own_identity_serves_caches_and_runs_jobs(
+        acl: AclServer, model_path: Path, tmp_path: Path, processes: Started
+) -> None:
+    """The gateway identity: discovery (heartbeats, reports, $SRV, health), requests and their cancels, both KV
+    buckets (a cached answer, a job record and the gateway's heartbeat in FLEET_JOBS) and the agents' subject, with
+    no permission refused; it cannot consume the work queue or pose as a worker."""
+    if (why := auth_ready()) is not None:
+        pytest.skip(why)
+    import httpx
+
+    await start_fleet(acl, model_path, tmp_path, processes)
+    port = broker.free_port()
+    spawn(processes, ["-m", "gateway"], {**identity_env(acl, GATEWAY), "GATEWAY_ADDR": f"127.0.0.1:{port}",
+                                         "CACHE_TTL_S": "60", "MONITOR_SWEEP_INTERVAL": "1"}, tmp_path / "gateway.log")
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4,
+            "temperature": 0}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        async with asyncio.timeout(60):
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/health/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.3)
+        first = await http.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200 and first.headers["x-fleet-cache"] == "miss", first.text
+        again = await http.post("/v1/chat/completions", json=body)
+        assert again.headers["x-fleet-cache"] == "hit" and again.json() == first.json()
+        job = await http.post("/v1/jobs", json={"request": {**body, "temperature": 0.5}})
+        assert job.status_code == 202, job.text
+        async with asyncio.timeout(60):
+            while (done := (await http.get(f"/v1/jobs/{job.json()['id']}")).json())["status"] in ("queued", "running"):
+                await asyncio.sleep(0.2)
+        assert done["status"] == "succeeded", done
+        nobody = await http.post("/v1/models/gemma3-270m/load")
+        assert nobody.status_code == 503 and nobody.json()["error"]["type"] == "no_agent"  # asked, none runs here
+    no_violations(processes)
+    gateway = await acl.connect(GATEWAY)
+    await gateway.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{DURABLE}", b"{}")
+    await gateway.refused(f'"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{DURABLE}"')
+    await gateway.nc.publish(p.heartbeat_subject("gemma3-270m"), b"fake")
+    await gateway.refused('"models.gemma3-270m.heartbeat"')

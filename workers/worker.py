@@ -18,6 +18,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import APIError as JsApiError
 from nats.js.errors import ServiceUnavailableError
+from nats.js.kv import KeyValue
 
 from . import formats
 from . import protocol as p
@@ -149,17 +150,12 @@ class Worker:
             stack.callback(lambda: self.store.event("shutdown", "worker stopped", processed=self.ledger.total_processed,
                                                     failed=self.ledger.total_failed))
             try:
-                # 1. NATS, the stream and the model's durable consumer
+                # 1. NATS, the stream and the model's durable consumers (one per priority)
                 nc = self._nc = await connect(s.nats_url, name=s.worker_id, timeout=s.nats_connect_timeout,
                                               events=self.store, auth=s.nats_auth())
                 stack.push_async_callback(_close, nc)
                 js = nc.jetstream()
-                try:
-                    await ensure_stream(js, s, self.store)
-                    durables = await ensure_consumers(js, s, self.store)
-                    claims, _ = await ensure_answered(js, s, self.store)
-                except (JsApiError, NatsTimeout) as e:
-                    raise StartupError(_queue_failure(e, s.nats_url)) from None
+                durables, claims = await self._queue_ready(js)
                 guard = self._guard = StreamGuard(nc, js, s, self.store, self.ledger.record)  # recreates them
                 await guard.start()
                 stack.push_async_callback(guard.stop)
@@ -244,6 +240,27 @@ class Worker:
         runner = Runner(model_name=s.model_name, worker_id=s.worker_id, engine=engine, fmt=fmt, grammars=grammars,
                         sampling=s.sampling_defaults)
         return Loaded(engine, runner, grammars, card)
+
+    async def _queue_ready(self, js: JetStreamContext) -> tuple[dict[int, str], KeyValue]:
+        """The stream, the model's consumers and the claims bucket, made or found. A JetStream API that does not
+        answer in time (a cluster electing leaders, a loaded machine: each R3 consumer is a Raft group of its own)
+        is asked again for up to NATS_CONNECT_TIMEOUT; a refusal, or no JetStream at all, ends the start at once."""
+        s = self.settings
+        ends = time.monotonic() + s.nats_connect_timeout
+        while True:
+            try:
+                await ensure_stream(js, s, self.store)
+                durables = await ensure_consumers(js, s, self.store)
+                claims, _ = await ensure_answered(js, s, self.store)
+                return durables, claims
+            except NatsTimeout as e:
+                if time.monotonic() >= ends:
+                    raise StartupError(_queue_failure(e, s.nats_url)) from None
+                self.store.event("queue.setup_slow", "the JetStream API did not answer in time; asking again",
+                                 level="warning")
+                await asyncio.sleep(1.0)
+            except JsApiError as e:
+                raise StartupError(_queue_failure(e, s.nats_url)) from None
 
     async def _serve(self, nc: NATS, js: JetStreamContext, durables: dict[int, str], runner: Runner,
                      telemetry: Telemetry, stack: contextlib.AsyncExitStack, answered: Answered
