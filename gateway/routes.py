@@ -150,18 +150,8 @@ def routes(parts: Parts) -> list[Route]:
         req_id = p.new_req_id()
         # the client's trace headers, with the gateway's span as the parent of the workers' (tracing.py)
         headers = request.state.trace.forward(trace, req_id, body.get("model"))
-        headers[p.H_PRIORITY] = str(priority_of(request, body))
+        headers[p.H_PRIORITY] = str(p.priority_of(request.headers, body.get("priority")))
         return Plan(kind, models, timeout_of(request), headers, req_id)
-
-    def priority_of(request: Request, body: dict[str, Any]) -> int:
-        """The body's `priority` (1–3, 3 served first), else the Fleet-Priority header, else 1."""
-        given = body.get("priority")
-        if given is not None and (isinstance(given, bool) or given not in p.PRIORITIES):
-            raise p.BadRequest("invalid_priority", f"priority {str(given)[:20]!r} is not 1, 2 or 3 (3 is served "
-                               "first; leave it out for 1)")
-        header = request.headers.get(p.H_PRIORITY)
-        return p.priority_of({p.H_PRIORITY: header} if header is not None else None,
-                             int(given) if given is not None else None)
 
     def timeout_of(request: Request) -> float:
         given = request.headers.get(p.H_TIMEOUT_MS)

@@ -265,14 +265,7 @@ class Router:
         return {c for i in self._instances(model) for c in i.health.capabilities}
 
     def _load(self, model: str) -> tuple[float, int]:
-        """The least loaded online instance's (expected wait, requests queued or running). An instance with nothing
-        queued and a free slot waits 0 even before it can estimate a wait (nothing served lately); any other wait
-        it cannot estimate yet counts as the longest."""
-        def wait(i: Any) -> float:
-            if i.wait_s is not None:
-                return float(i.wait_s)
-            free = i.slots is not None and i.slots.busy + i.slots.waiting < i.slots.slots
-            return 0.0 if i.pending == 0 and free else math.inf
-
-        return min(((wait(i), i.pending + i.active) for i in self._instances(model) if i.status == "online"),
-                   default=(math.inf, 0))
+        """The least loaded online instance's (expected wait, requests queued or running); a wait the worker
+        cannot estimate (no slot free, nothing served lately: protocol.expected_wait) counts as the longest."""
+        return min(((i.wait_s if i.wait_s is not None else math.inf, i.pending + i.active)
+                    for i in self._instances(model) if i.status == "online"), default=(math.inf, 0))

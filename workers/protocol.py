@@ -77,10 +77,14 @@ def consumer_name(kind: Kind, model: str, priority: int = DEFAULT_PRIORITY) -> s
     return base if priority == DEFAULT_PRIORITY else f"{base}-p{priority}"
 
 
-def priority_of(headers: dict[str, str] | None, body_priority: int | None) -> int:
-    """The request's priority: the body's `priority`, else the Fleet-Priority header, else 1."""
+def priority_of(headers: Mapping[str, str] | None, body_priority: Any = None) -> int:
+    """The request's priority: the body's `priority`, else the Fleet-Priority header, else 1; BadRequest
+    `invalid_priority` for anything but 1, 2 or 3."""
     if body_priority is not None:
-        return body_priority
+        if isinstance(body_priority, bool) or body_priority not in PRIORITIES:
+            raise BadRequest("invalid_priority", f"priority {str(body_priority)[:20]!r} is not 1, 2 or 3 (3 is served "
+                             "first; leave it out for 1)")
+        return int(body_priority)
     given = (headers or {}).get(H_PRIORITY)
     if given is None:
         return DEFAULT_PRIORITY

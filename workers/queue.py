@@ -143,6 +143,7 @@ class Ingress:
         self.queued = queued
         self.replier = Replier(nc, settings)
         self.limits = settings.limits
+        self.subjects = {pr: p.queue_subject(settings.model_kind, settings.model_name, pr) for pr in p.PRIORITIES}
         self.service: Any = None
 
     async def start(self, stats: Callable[[Any], Any]) -> None:
@@ -196,8 +197,7 @@ class Ingress:
             if len(msg.data) + header_bytes(headers) > self.nc.max_payload:
                 raise p.BadRequest("payload_too_large", "request plus routing headers exceeds the server's "
                                    f"max_payload ({self.nc.max_payload} bytes); send a smaller input", status=413)
-            subject = p.queue_subject(self.settings.model_kind, self.settings.model_name, priority)
-            ack = await self.js.publish(subject, msg.data, headers=headers, timeout=5.0)
+            ack = await self.js.publish(self.subjects[priority], msg.data, headers=headers, timeout=5.0)
             if ack.duplicate:
                 raise p.BadRequest("duplicate_request", f"req_id {req_id} is queued or was answered already (in "
                                    "the last 2 minutes); its answer goes to the first request's reply subject. "

@@ -26,6 +26,7 @@ import socket
 import sys
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
@@ -75,6 +76,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.host = settings.agent_host
+        self.nc: NATS | None = None  # serve()'s connection: the agent's own identity asks the health of what it starts
         self._busy: dict[str, asyncio.Lock] = {}  # one load or unload of a model at a time
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -93,10 +95,8 @@ class Agent:
                 spec = fleet.spec(name)
             except ConfigError as e:
                 return error(400, "invalid_worker", f"envs/worker.{name}.env: {e}")
-            env = {"NATS_URL": self.settings.nats_url}
-            proc = fleet.start_background(name, spec.argv, env=env)
-            settings = spec.settings.model_copy(update={"nats_url": self.settings.nats_url})
-            if await fleet.wait_online(settings, proc, self.settings.agent_load_timeout_s):
+            proc = fleet.start_background(name, spec.argv, env={"NATS_URL": self.settings.nats_url})
+            if await fleet.wait_online(spec.settings, proc, self.settings.agent_load_timeout_s, self.nc):
                 log.info("agent: %s online (pid %d)", name, proc.pid)
                 return {"host": self.host, "model": name, "status": "online", "pids": [proc.pid]}
             why = fleet.not_online(name, proc, self.settings.agent_load_timeout_s)
@@ -115,17 +115,17 @@ class Agent:
             return {"host": self.host, "model": name, "status": "stopped", "pids": pids}
 
     def _unknown(self, name: str) -> dict[str, Any] | None:
-        if name in available_workers():
+        if name in (names := available_workers()):
             return None
         return error(404, "unknown_worker", f"{self.host} has no envs/worker.{name}.env; it can start "
-                     f"{', '.join(available_workers()) or 'nothing'}")
+                     f"{', '.join(names) or 'nothing'}")
 
     # --- NATS -------------------------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.settings
-        nc = await connect(s.nats_url, name=f"agent-{self.host}", timeout=s.nats_connect_timeout,
-                           auth=s.nats_auth())
+        nc = self.nc = await connect(s.nats_url, name=f"agent-{self.host}", timeout=s.nats_connect_timeout,
+                                     auth=s.nats_auth())
         try:
             await nc.subscribe(AGENTS, cb=self._on_card)
             for verb, act in (("load", self.load), ("unload", self.unload)):

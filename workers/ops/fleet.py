@@ -17,9 +17,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nats.aio.client import Client as NATS
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -91,22 +93,26 @@ def start_background(name: str, argv: list[str] | None = None, env: dict[str, st
     return proc
 
 
-async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+async def wait_online(settings: Settings, proc: subprocess.Popen[bytes], timeout: float,
+                      nc: NATS | None = None) -> bool:
     """Until this process's worker sends `online` (its ready heartbeat; asked for as health, which carries the same
-    body); False on timeout or when `proc` exits. Another instance of the model being online does not count."""
-    try:
-        nc = await connect(settings.nats_url, name="fleet", timeout=10, auth=settings.nats_auth())
-    except NatsUnavailable:
-        return False
+    body); False on timeout or when `proc` exits. Another instance of the model being online does not count.
+    Asked on `nc` (the host agent's), else on a connection of its own with the worker's settings."""
+    if nc is None:
+        try:
+            own = await connect(settings.nats_url, name="fleet", timeout=10, auth=settings.nats_auth())
+        except NatsUnavailable:
+            return False
+        try:
+            return await wait_online(settings, proc, timeout, own)
+        finally:
+            await own.close()
     # The child names itself <model>-<host>-<its pid> unless WORKER_ID names it (our settings were loaded in this
     # process, so a generated id ends in our pid).
     generated = settings.worker_id.endswith(f"-{os.getpid()}")
-    try:
-        return await discovery.wait_online(nc, settings.model_name, timeout=timeout, alive=lambda: proc.poll() is None,
-                                           interval=0.5, worker_id=None if generated else settings.worker_id,
-                                           pid=proc.pid if generated else None)
-    finally:
-        await nc.close()
+    return await discovery.wait_online(nc, settings.model_name, timeout=timeout, alive=lambda: proc.poll() is None,
+                                       interval=0.5, worker_id=None if generated else settings.worker_id,
+                                       pid=proc.pid if generated else None)
 
 
 def up(names: list[str], timeout: float, monitor: bool = True) -> int:
@@ -203,61 +209,59 @@ def start_monitor(nats_url: str) -> None:
     """The monitor (dashboard on MONITOR_ADDR, default 127.0.0.1:8080) and the gateway (the OpenAI API for every
     model on GATEWAY_ADDR, default 127.0.0.1:8000) beside the workers, unless ours run."""
     port = os.environ.get("MONITOR_ADDR", ":8080").rpartition(":")[2]
-    start_front("monitor", nats_url, f"http://127.0.0.1:{port}/healthz",
-                f"dashboard on http://127.0.0.1:{port}/", "make monitor-cli · make monitor-status")
+    start_front("monitor", nats_url, http_answers(f"http://127.0.0.1:{port}/healthz"),
+                f"dashboard on http://127.0.0.1:{port}/ (pid {{pid}}) · make monitor-cli · make monitor-status")
     port = os.environ.get("GATEWAY_ADDR", ":8000").rpartition(":")[2]
-    start_front("gateway", nats_url, f"http://127.0.0.1:{port}/health",
-                f"OpenAI API on http://127.0.0.1:{port}/v1", f"curl http://127.0.0.1:{port}/v1/models")
+    start_front("gateway", nats_url, http_answers(f"http://127.0.0.1:{port}/health"),
+                f"OpenAI API on http://127.0.0.1:{port}/v1 (pid {{pid}}) · curl http://127.0.0.1:{port}/v1/models")
 
 
-def start_agent(nats_url: str, timeout: float = 15.0) -> None:
-    """This machine's host agent (workers/ops/agent.py: the gateway's load and unload), unless ours runs."""
-    if pids := running("agent"):
-        console.print(f"[green]·[/] agent: already running (pid {', '.join(map(str, pids))})")
-        return
+def start_agent(nats_url: str) -> None:
+    """This machine's host agent (workers/ops/agent.py: the gateway's load and unload), unless ours runs; it is
+    ready once its log says it is answering."""
     log = RUN / "agent.log"
     start = log.stat().st_size if log.exists() else 0
-    proc = start_background("agent", [sys.executable, "-m", "workers.ops.agent"], env={"NATS_URL": nats_url})
-    ends = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < ends:
+
+    def answering() -> bool:
         with log.open("rb") as f:
             f.seek(start)
-            if b"answering" in f.read():
-                console.print(f"[green]✓[/] agent: loads and unloads workers of this machine for the gateway "
-                              f"(pid {proc.pid})")
-                return
-        time.sleep(0.2)
-    if proc.poll() is None:
-        console.print(f"[yellow]·[/] agent: started (pid {proc.pid}) but not answering within {timeout:g} s; "
-                      f"see {shown(log)}")
-        return
-    pidfile("agent", proc.pid).unlink(missing_ok=True)
-    console.print(f"[red]✗[/] agent: exited (see {shown(log)}): "
-                  + " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:]))
+            return b"answering" in f.read()
+
+    start_front("agent", nats_url, answering, "loads and unloads workers of this machine for the gateway "
+                "(pid {pid})", module="workers.ops.agent")
 
 
-def start_front(name: str, nats_url: str, health: str, serves: str, hint: str, timeout: float = 15.0) -> None:
-    """`python -m <name>` in the background; ✓ once `health` answers, ✗ with its log's last lines if it exits."""
+def http_answers(url: str) -> Callable[[], bool]:
+    """Whether `url` answers at all (a 503 while the process connects to NATS counts)."""
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+        except urllib.error.HTTPError:
+            pass
+        except OSError:
+            return False
+        return True
+    return answers
+
+
+def start_front(name: str, nats_url: str, ready: Callable[[], bool], serves: str, module: str | None = None,
+                timeout: float = 15.0) -> None:
+    """`python -m <module>` (default: `name`) in the background unless ours runs; ✓ and `serves` (its `{pid}`
+    filled in) once `ready()`, ✗ with its log's last lines if it exits, a warning if neither within `timeout`."""
     if pids := running(name):
         console.print(f"[green]·[/] {name}: already running (pid {', '.join(map(str, pids))})")
         return
-    proc = start_background(name, [sys.executable, "-m", name], env={"NATS_URL": nats_url})
+    proc = start_background(name, [sys.executable, "-m", module or name], env={"NATS_URL": nats_url})
+    log = RUN / f"{name}.log"
     ends, answered = time.monotonic() + timeout, False
-    while proc.poll() is None and time.monotonic() < ends and not answered:
-        try:
-            urllib.request.urlopen(health, timeout=1).close()
-            answered = True
-        except urllib.error.HTTPError:  # answering (a 503 while it connects to NATS)
-            answered = True
-        except OSError:
-            time.sleep(0.2)
+    while proc.poll() is None and time.monotonic() < ends and not (answered := ready()):
+        time.sleep(0.2)
     if answered:
-        console.print(f"[green]✓[/] {name}: {serves} (pid {proc.pid}) · {hint}")
+        console.print(f"[green]✓[/] {name}: {serves.format(pid=proc.pid)}")
     elif proc.poll() is None:
-        console.print(f"[yellow]·[/] {name}: started (pid {proc.pid}) but {health} did not answer within "
-                      f"{timeout:g} s; see {shown(RUN / f'{name}.log')}")
+        console.print(f"[yellow]·[/] {name}: started (pid {proc.pid}) but not answering within {timeout:g} s; "
+                      f"see {shown(log)}")
     else:
-        log = RUN / f"{name}.log"
         pidfile(name, proc.pid).unlink(missing_ok=True)
         console.print(f"[red]✗[/] {name}: exited (see {shown(log)}): "
                       + " / ".join(log.read_text(errors="replace").strip().splitlines()[-2:]))
